@@ -1,0 +1,332 @@
+"""Single-run training: ``python -m ifsearch.train --config FILE.yaml [--set key=value ...]``.
+
+``train_loop(config)`` is the whole run as one plain function of a config: build data, model and
+criterion; train with AdamW, warm-up + cosine/poly decay, gradient clipping and bf16 autocast on
+GPU; evaluate instance AP and diagnostics on the val split every epoch; append the metrics to
+``metrics.jsonl``; save a checkpoint; resume from it. Ray wraps this function (``trainables/``);
+it never imports Ray. A ``report`` callback receives each epoch's metrics and checkpoint path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ifsearch.config import (
+    Config,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+from ifsearch.data import collate_scenes, synthetic_split
+from ifsearch.errors import CheckpointError, IfsearchError
+from ifsearch.inference import predict_instances
+from ifsearch.losses import build_criterion
+from ifsearch.metrics import instance_ap, instance_diagnostics
+from ifsearch.models import InfluencerFormer
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+ReportFn = Callable[[dict, Path], None]
+
+
+def resolve_device(config: Config) -> torch.device:
+    """"auto" picks CUDA when present; asking for CUDA without a GPU is an error, not a fallback."""
+    wanted = config.train.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise IfsearchError("train.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(wanted)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so a run is reproducible from its config."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_datasets(config: Config):
+    """(train, val) datasets. Only the embedded synthetic scenes exist so far."""
+    d = config.data
+    common = dict(
+        num_points=d.num_points,
+        min_instances=d.min_instances,
+        max_instances=d.max_instances,
+        classes=d.classes,
+        noise=d.noise,
+        density_jitter=d.density_jitter,
+        seed=d.seed,
+    )
+    return (
+        synthetic_split("train", d.train_scenes, **common),
+        synthetic_split("val", d.val_scenes, **common),
+    )
+
+
+def build_model(config: Config) -> InfluencerFormer:
+    """The model, initialised from ``train.seed`` (the same seed gives the same weights)."""
+    torch.manual_seed(config.train.seed)
+    return InfluencerFormer(config.model, num_classes=len(config.data.classes))
+
+
+def inference_mask_prob(config: Config) -> str:
+    """How to read the mask matrix: the Hungarian baseline always trains sigmoid masks."""
+    return config.loss.mask_prob if config.loss.name == "influencer" else "sigmoid"
+
+
+def _to_device(batch: dict, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
+    points = [p.to(device, non_blocking=True) for p in batch["points"]]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
+    return points, targets
+
+
+def _lr_lambda(config: Config, steps_per_epoch: int) -> Callable[[int], float]:
+    """Linear warm-up, then cosine / poly / constant decay, per optimizer step."""
+    t = config.train
+    warmup = int(round(t.warmup_epochs * steps_per_epoch))
+    total = max(t.epochs * steps_per_epoch, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        if t.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if t.schedule == "poly":
+            return (1.0 - progress) ** t.poly_power
+        return 1.0
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoader,
+             config: Config, device: torch.device) -> dict[str, float]:
+    """Val loss, ScanNet-style AP/AP50/AP25 and the duplicate/unclaimed/active diagnostics."""
+    model.eval()
+    predictions, ground_truth, losses = [], [], []
+    for batch in loader:
+        points, targets = _to_device(batch, device)
+        with _autocast(config, device):
+            outputs = model(points)
+        losses.append(sum(criterion(outputs, targets).values()).float().item())
+        predictions += [
+            {k: v.cpu() for k, v in p.items()}
+            for p in predict_instances(
+                outputs,
+                mask_prob=inference_mask_prob(config),
+                mask_threshold=config.eval.mask_threshold,
+                dedup_iou=config.eval.dedup_iou,
+            )
+        ]
+        ground_truth += [{"masks": t["masks"].cpu(), "labels": t["labels"].cpu()} for t in targets]
+    ap = instance_ap(predictions, ground_truth, min_region_size=config.eval.min_region_size,
+                     class_names=list(config.data.classes))
+    diag = instance_diagnostics(predictions, ground_truth,
+                                score_threshold=config.eval.diagnostic_score_threshold)
+    model.train()
+    return {
+        "val_loss": float(np.mean(losses)),
+        "AP": _finite(ap["AP"]),
+        "AP50": _finite(ap["AP50"]),
+        "AP25": _finite(ap["AP25"]),
+        "duplicate_rate": diag["duplicate_rate"],
+        "unclaimed_rate": diag["unclaimed_rate"],
+        "active_queries": diag["active_queries"],
+    }
+
+
+def _finite(value: float) -> float:
+    """AP is NaN when no class has ground truth; report 0 so schedulers can compare trials."""
+    return 0.0 if value is None or math.isnan(value) else float(value)
+
+
+def _autocast(config: Config, device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=config.train.amp and device.type == "cuda")
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, config: Config) -> None:
+    """Write atomically (temp file + rename) so an interrupted save never leaves a torn file."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "config": config_to_dict(config),
+        "torch_rng": torch.get_rng_state(),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, config: Config) -> dict:
+    """Read a checkpoint and check it was written by a run with the same model and data."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        epoch = int(state["epoch"])
+        saved = config_from_dict(state["config"], source=str(path))
+    except Exception as exc:  # any unreadable/truncated/foreign file
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be read ({type(exc).__name__}: {exc}); delete it "
+            "to start afresh, or set train.resume=false"
+        ) from exc
+    for section in ("model", "data"):
+        if getattr(saved, section) != getattr(config, section):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was written with a different '{section}' config; use "
+                "another train.output_dir or set train.resume=false"
+            )
+    state["epoch"] = epoch
+    return state
+
+
+def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, float]:
+    """Train and evaluate one configuration; returns the last epoch's metrics.
+
+    Args:
+        config: the fully resolved config.
+        report: called after every epoch with (metrics, checkpoint path); Ray's adapter uses it.
+    """
+    device = resolve_device(config)
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    seed_everything(config.train.seed)
+    output_dir = Path(config.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, output_dir / "config.yaml")
+    checkpoint_path = output_dir / CHECKPOINT_NAME
+
+    train_set, val_set = build_datasets(config)
+    val_loader = DataLoader(val_set, batch_size=config.data.batch_size, collate_fn=collate_scenes)
+    model = build_model(config).to(device)
+    criterion = build_criterion(config.loss, num_classes=len(config.data.classes)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr,
+                                  weight_decay=config.train.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / config.data.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps_per_epoch))
+
+    start_epoch = 1
+    if config.train.resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path, config)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch = state["epoch"] + 1
+        print(f"resumed from {checkpoint_path} at epoch {state['epoch']}", flush=True)
+
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, config.train.epochs + 1):
+        # The shuffle depends only on (seed, epoch), so a resumed run sees the same order.
+        order = torch.Generator().manual_seed(config.train.seed * 100_003 + epoch)
+        train_loader = DataLoader(train_set, batch_size=config.data.batch_size, shuffle=True,
+                                  generator=order, collate_fn=collate_scenes)
+        started = time.perf_counter()
+        sums: dict[str, float] = defaultdict(float)
+        num_points = 0
+        for step, batch in enumerate(train_loader, start=1):
+            points, targets = _to_device(batch, device)
+            with _autocast(config, device):
+                outputs = model(points)
+            parts = criterion(outputs, targets)
+            loss = sum(parts.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            # One host sync per step for logging; the loss itself has none.
+            sums["loss"] += loss.item()
+            for key, value in parts.items():
+                if not key[-1].isdigit():  # last-layer terms; aux copies end in _{i}
+                    sums[key] += value.item()
+            num_points += sum(p.shape[0] for p in points)
+            if config.train.log_every and step % config.train.log_every == 0:
+                print(f"  epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f}",
+                      flush=True)
+        train_seconds = time.perf_counter() - started
+
+        metrics = {"epoch": epoch}
+        metrics.update({f"train_{k}": v / steps_per_epoch for k, v in sums.items()})
+        metrics.update(evaluate(model, criterion, val_loader, config, device))
+        metrics["lr"] = scheduler.get_last_lr()[0]
+        metrics["epoch_seconds"] = time.perf_counter() - started
+        metrics["points_per_second"] = num_points / max(train_seconds, 1e-9)
+
+        save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, config)
+        with open(output_dir / METRICS_NAME, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        print(_epoch_line(metrics, config.train.epochs), flush=True)
+        if report is not None:
+            report(metrics, checkpoint_path)
+    if not metrics:  # resumed a run that had already finished: its last epoch's metrics
+        lines = (output_dir / METRICS_NAME).read_text().splitlines()
+        metrics = json.loads(lines[-1]) if lines else {}
+    return metrics
+
+
+def _epoch_line(m: dict, epochs: int) -> str:
+    return (
+        f"epoch {m['epoch']:>3}/{epochs}  loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}"
+        f"  AP {m['AP']:.3f}  AP50 {m['AP50']:.3f}  AP25 {m['AP25']:.3f}"
+        f"  dup {m['duplicate_rate']:.2f}  unclaimed {m['unclaimed_rate']:.2f}"
+        f"  active {m['active_queries']:.1f}  {m['points_per_second']:.0f} pts/s"
+        f"  {m['epoch_seconds']:.1f}s"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ifsearch.train",
+        description="Train and evaluate one InfluencerFormer configuration (no Ray needed).",
+    )
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML config (e.g. configs/synthetic_default.yaml or an exported "
+                             "best_config.yaml); built-in defaults when omitted")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set loss.name=hungarian "
+                             "(repeatable; values are parsed as YAML)")
+    parser.add_argument("--output-dir", default=None,
+                        help="where metrics.jsonl, checkpoint.pt and config.yaml go "
+                             "(same as --set train.output_dir=...)")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    try:
+        if args.config is not None:
+            config = load_config(args.config, overrides)
+        else:
+            config = config_from_dict(apply_overrides({}, overrides), source="--set")
+        print(f"training {config.loss.name} on {config.data.name} scenes -> "
+              f"{config.train.output_dir}", flush=True)
+        metrics = train_loop(config)
+    except IfsearchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
