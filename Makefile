@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/python -m ifsearch.train --config configs/synthetic_default.yaml
+	$(BIN)/python -m ifsearch.train
 
 test: install
 	$(BIN)/python -m pytest tests

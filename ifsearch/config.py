@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from ifsearch.data.synthetic import SHAPE_CLASSES
 from ifsearch.errors import ConfigError
 
 LOSS_NAMES = ("influencer", "hungarian")
@@ -186,11 +187,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    raw = apply_overrides(raw or {}, overrides or [], source=str(path))
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {raw!r}")
+    raw = apply_overrides(raw or {}, overrides or [])
     return config_from_dict(raw, source=str(path))
 
 
-def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> dict:
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Return a copy of ``raw`` with ``section.key=value`` overrides (values parsed as YAML)."""
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
@@ -276,6 +279,9 @@ def _check(config: Config, source: str) -> list[str]:
     )
     rule(len(d.classes) > 0, "data.classes", d.classes, "must name at least one class")
     rule(len(set(d.classes)) == len(d.classes), "data.classes", d.classes, "has duplicates")
+    unknown = sorted(set(d.classes) - set(SHAPE_CLASSES))
+    rule(d.name != "synthetic" or not unknown, "data.classes", d.classes,
+         f"unknown synthetic classes {unknown}; choose from {list(SHAPE_CLASSES)}")
     rule(d.noise >= 0, "data.noise", d.noise, "must be >= 0")
     rule(0 <= d.density_jitter < 1, "data.density_jitter", d.density_jitter, "must be in [0, 1)")
     rule(d.train_scenes >= 1, "data.train_scenes", d.train_scenes, "must be >= 1")

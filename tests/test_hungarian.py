@@ -393,3 +393,33 @@ def test_importance_sampling_prefers_uncertain_points() -> None:
     assert mixed.shape == (4, 8)
     assert (logits.gather(1, mixed[:, :6]) == 0).all()  # the 6 importance-sampled points
     assert ((0 <= mixed) & (mixed < n)).all()
+
+
+def test_image_empty_scene_same_resolution() -> None:
+    outputs = {
+        "pred_logits": torch.randn(2, 4, NUM_CLASSES + 1, requires_grad=True),
+        "pred_masks": torch.randn(2, 4, 8, 8, requires_grad=True),
+    }
+    targets = [
+        {"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 8, 8).bool()},
+        {"labels": torch.tensor([1]), "masks": torch.rand(1, 16, 16) < 0.5},  # resized to 8 x 8
+    ]
+    losses = HungarianCriterion(NUM_CLASSES)(outputs, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    _total(losses).backward()
+    assert outputs["pred_masks"].grad.abs().sum() > 0
+
+
+@pytest.mark.xfail(
+    raises=RuntimeError,
+    strict=False,
+    reason="common.per_scene_target_masks interpolates (0, H, W) masks; F.interpolate rejects it",
+)
+def test_image_empty_scene_other_resolution() -> None:
+    outputs = {
+        "pred_logits": torch.randn(1, 4, NUM_CLASSES + 1),
+        "pred_masks": torch.randn(1, 4, 8, 8),
+    }
+    targets = [{"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 16, 16).bool()}]
+    losses = HungarianCriterion(NUM_CLASSES)(outputs, targets)
+    assert losses["loss_mask"].item() == 0.0

@@ -38,7 +38,9 @@ def per_scene_target_masks(
         out = []
         for t in targets:
             m = t["masks"]
-            if m.shape[-2:] != size:
+            if m.shape[0] == 0:  # no instances: interpolate rejects empty inputs
+                m = m.new_zeros((0, *size), dtype=torch.bool)
+            elif m.shape[-2:] != size:
                 m = F.interpolate(m[None].float(), size=size, mode="nearest")[0] > 0.5
             out.append(m.flatten(1).bool())  # (K, H'*W')
         return out

@@ -88,7 +88,7 @@ def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     Returns:
         Scalar sum over the P pairs.
     """
-    return F.binary_cross_entropy_with_logits(inputs, targets, reduction="none").sum(1).sum()
+    return F.binary_cross_entropy_with_logits(inputs, targets, reduction="none").mean(1).sum()
 
 
 def dice_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

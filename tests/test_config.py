@@ -1,0 +1,111 @@
+"""Config loading, overrides and validation: every error names the file, the key and the value."""
+
+import pytest
+import yaml
+
+from ifsearch.config import (
+    Config,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+from ifsearch.errors import ConfigError, IfsearchError
+
+
+def write(tmp_path, data, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_defaults_are_valid_and_round_trip(tmp_path):
+    config = config_from_dict({})
+    assert config == Config()
+    path = save_config(config, tmp_path / "out" / "config.yaml")
+    assert load_config(path) == config
+
+
+def test_partial_file_keeps_other_defaults(tmp_path):
+    path = write(tmp_path, {"loss": {"name": "hungarian", "mask_weight": 3}, "train": {"lr": 0.01}})
+    config = load_config(path)
+    assert config.loss.name == "hungarian"
+    assert config.loss.mask_weight == 3.0 and isinstance(config.loss.mask_weight, float)
+    assert config.train.lr == 0.01
+    assert config.model == Config().model
+
+
+def test_overrides_parse_values_as_yaml(tmp_path):
+    path = write(tmp_path, {"loss": {"margin": 1.0}})
+    config = load_config(path, ["loss.margin=1.5", "model.masked_attention=true",
+                                "data.classes=[box, sphere]", "loss.mask_prob=softmax"])
+    assert config.loss.margin == 1.5
+    assert config.model.masked_attention is True
+    assert config.data.classes == ["box", "sphere"]
+    assert config.loss.mask_prob == "softmax"
+
+
+def test_unknown_key_names_file_key_and_valid_keys(tmp_path):
+    path = write(tmp_path, {"loss": {"temprature": 0.5}})
+    with pytest.raises(ConfigError, match=r"cfg\.yaml: loss\.temprature: unknown key.*temperature"):
+        load_config(path)
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown section 'optim'.*'train'"):
+        load_config(write(tmp_path, {"optim": {"lr": 1}}))
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.epochs = 'ten': expected an integer"):
+        load_config(write(tmp_path, {"train": {"epochs": "ten"}}))
+    with pytest.raises(ConfigError, match=r"model\.masked_attention = 1: expected true/false"):
+        load_config(write(tmp_path, {"model": {"masked_attention": 1}}))
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    path = write(tmp_path, {"loss": {"name": "dice", "temperature": -1},
+                            "data": {"min_instances": 5, "max_instances": 2}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert "3 problems" in text
+    assert "loss.name = 'dice': must be one of ['influencer', 'hungarian']" in text
+    assert "loss.temperature = -1.0: must be > 0" in text
+    assert "data.max_instances = 2: must be >= data.min_instances (5)" in text
+    assert "cfg.yaml" in text
+
+
+def test_cross_field_rules(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.num_heads = 3: must divide model\.embed_dim"):
+        config_from_dict({"model": {"num_heads": 3, "embed_dim": 64}})
+    with pytest.raises(ConfigError, match=r"data\.classes.*unknown synthetic classes \['torus'\]"):
+        config_from_dict({"data": {"classes": ["box", "torus"]}})
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match=r"--set 'lr=0\.1': expected section\.key=value"):
+        apply_overrides({}, ["lr=0.1"])
+    with pytest.raises(ConfigError, match=r"--set 'train\.lr': expected section\.key=value"):
+        apply_overrides({}, ["train.lr"])
+
+
+def test_override_typo_is_rejected():
+    raw = apply_overrides({}, ["train.epochz=3"])
+    with pytest.raises(ConfigError, match=r"--set: train\.epochz: unknown key"):
+        config_from_dict(raw, source="--set")
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "loss: [unclosed"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_errors_share_one_base_class():
+    assert issubclass(ConfigError, IfsearchError)
+    assert config_to_dict(Config())["loss"]["name"] == "influencer"
