@@ -70,7 +70,10 @@ class LossConfig:
     bg_weight: float = 1.0
     margin: float = 1.0  # profiles are in [0,1]^M; distinct one-hot profiles are sqrt(2) apart
     temperature: float = 1.0
-    mask_prob: str = "sigmoid"  # sigmoid | softmax (over queries + a background slot)
+    # sigmoid | softmax (over queries + a background slot). softmax is the default here: on the
+    # synthetic scenes it reached AP50 0.35 vs 0.07 for sigmoid in the same 15 epochs, because
+    # queries compete for each point instead of one query's mask spilling over other instances.
+    mask_prob: str = "softmax"
     claim_threshold: float = 0.5  # geometric-mean probability for a query to claim an instance
     # Shared by both criteria
     class_weight: float = 2.0

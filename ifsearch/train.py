@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from ifsearch.config import (
@@ -309,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default=None,
                         help="where metrics.jsonl, checkpoint.pt and config.yaml go "
                              "(same as --set train.output_dir=...)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the fully resolved config as YAML and exit")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if args.output_dir:
@@ -318,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config, overrides)
         else:
             config = config_from_dict(apply_overrides({}, overrides), source="--set")
+        if args.print_config:
+            print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+            return 0
         print(f"training {config.loss.name} on {config.data.name} scenes -> "
               f"{config.train.output_dir}", flush=True)
         metrics = train_loop(config)

@@ -109,3 +109,12 @@ def test_missing_and_malformed_files(tmp_path):
 def test_errors_share_one_base_class():
     assert issubclass(ConfigError, IfsearchError)
     assert config_to_dict(Config())["loss"]["name"] == "influencer"
+
+
+def test_readme_documents_every_config_key():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for section, values in config_to_dict(Config()).items():
+        for key in values:
+            assert f"`{section}.{key}`" in readme, f"README.md does not document {section}.{key}"

@@ -410,11 +410,6 @@ def test_image_empty_scene_same_resolution() -> None:
     assert outputs["pred_masks"].grad.abs().sum() > 0
 
 
-@pytest.mark.xfail(
-    raises=RuntimeError,
-    strict=False,
-    reason="common.per_scene_target_masks interpolates (0, H, W) masks; F.interpolate rejects it",
-)
 def test_image_empty_scene_other_resolution() -> None:
     outputs = {
         "pred_logits": torch.randn(1, 4, NUM_CLASSES + 1),
