@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from ifsearch.data.synthetic import SHAPE_CLASSES
+from ifsearch.data.synthetic import MAX_INSTANCES, SHAPE_CLASSES
 from ifsearch.errors import ConfigError
 
 LOSS_NAMES = ("influencer", "hungarian")
@@ -51,7 +51,7 @@ class ModelConfig:
     embed_dim: int = 64  # D, width of point embeddings and queries
     encoder_layers: int = 2  # EdgeConv layers (local kNN aggregation)
     k_neighbors: int = 12  # kNN size of each EdgeConv layer
-    num_queries: int = 12  # M learned queries; must exceed the largest instance count
+    num_queries: int = 12  # M learned queries; at least data.max_instances
     decoder_layers: int = 3  # L decoder layers; each one gives an auxiliary output
     num_heads: int = 4
     ffn_dim: int = 128
@@ -280,6 +280,8 @@ def _check(config: Config, source: str) -> list[str]:
         d.max_instances,
         f"must be >= data.min_instances ({d.min_instances})",
     )
+    rule(d.name != "synthetic" or d.max_instances <= MAX_INSTANCES, "data.max_instances",
+         d.max_instances, f"must be <= {MAX_INSTANCES}: more objects do not fit a synthetic room")
     rule(len(d.classes) > 0, "data.classes", d.classes, "must name at least one class")
     rule(len(set(d.classes)) == len(d.classes), "data.classes", d.classes, "has duplicates")
     unknown = sorted(set(d.classes) - set(SHAPE_CLASSES))
@@ -302,6 +304,8 @@ def _check(config: Config, source: str) -> list[str]:
     rule(m.encoder_layers >= 1, "model.encoder_layers", m.encoder_layers, "must be >= 1")
     rule(m.k_neighbors >= 1, "model.k_neighbors", m.k_neighbors, "must be >= 1")
     rule(m.num_queries >= 1, "model.num_queries", m.num_queries, "must be >= 1")
+    rule(m.num_queries >= d.max_instances, "model.num_queries", m.num_queries,
+         f"must be >= data.max_instances ({d.max_instances}): each instance needs a query")
     rule(m.decoder_layers >= 1, "model.decoder_layers", m.decoder_layers, "must be >= 1")
     rule(m.ffn_dim >= 1, "model.ffn_dim", m.ffn_dim, "must be >= 1")
     rule(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")

@@ -82,6 +82,10 @@ def test_cross_field_rules(tmp_path):
         config_from_dict({"model": {"num_heads": 3, "embed_dim": 64}})
     with pytest.raises(ConfigError, match=r"data\.classes.*unknown synthetic classes \['torus'\]"):
         config_from_dict({"data": {"classes": ["box", "torus"]}})
+    with pytest.raises(ConfigError, match=r"data\.max_instances = 20: must be <= 16"):
+        config_from_dict({"data": {"max_instances": 20}})
+    with pytest.raises(ConfigError, match=r"model\.num_queries = 4: must be >= data\.max_instances"):
+        config_from_dict({"model": {"num_queries": 4}, "data": {"max_instances": 5}})
 
 
 def test_bad_override_syntax():
