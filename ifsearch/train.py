@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ifsearch.config import (
     Config,
@@ -42,7 +44,7 @@ from ifsearch.models import InfluencerFormer
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
-ReportFn = Callable[[dict, Path], None]
+ReportFn = Callable[[dict, Path | None], None]
 
 
 def resolve_device(config: Config) -> torch.device:
@@ -202,26 +204,39 @@ def load_checkpoint(path: Path, config: Config) -> dict:
 def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, float]:
     """Train and evaluate one configuration; returns the last epoch's metrics.
 
+    Runs as is on one process, or as one rank of a data-parallel group when torch.distributed is
+    initialised (Ray Train does that): each rank then trains on its own shard of the scenes
+    (DistributedSampler), gradients are averaged by DDP, and only rank 0 writes the checkpoint
+    and metrics file. Every rank evaluates the whole (small) val split, so all ranks report the
+    same metrics and call ``report`` equally often, as Ray's report barrier requires.
+
     Args:
         config: the fully resolved config.
-        report: called after every epoch with (metrics, checkpoint path); Ray's adapter uses it.
+        report: called after every epoch with (metrics, checkpoint path or None on ranks > 0).
     """
     device = resolve_device(config)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     seed_everything(config.train.seed)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     output_dir = Path(config.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, output_dir / "config.yaml")
+    if rank == 0:
+        save_config(config, output_dir / "config.yaml")
     checkpoint_path = output_dir / CHECKPOINT_NAME
 
     train_set, val_set = build_datasets(config)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=config.train.seed)
+    train_loader = DataLoader(train_set, batch_size=config.data.batch_size, sampler=sampler,
+                              collate_fn=collate_scenes)
     val_loader = DataLoader(val_set, batch_size=config.data.batch_size, collate_fn=collate_scenes)
     model = build_model(config).to(device)
     criterion = build_criterion(config.loss, num_classes=len(config.data.classes)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr,
                                   weight_decay=config.train.weight_decay)
-    steps_per_epoch = math.ceil(len(train_set) / config.data.batch_size)
+    steps_per_epoch = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps_per_epoch))
 
     start_epoch = 1
@@ -233,20 +248,18 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
         torch.set_rng_state(state["torch_rng"])
         start_epoch = state["epoch"] + 1
         print(f"resumed from {checkpoint_path} at epoch {state['epoch']}", flush=True)
+    ddp_model = DistributedDataParallel(model) if distributed else model
 
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, config.train.epochs + 1):
-        # The shuffle depends only on (seed, epoch), so a resumed run sees the same order.
-        order = torch.Generator().manual_seed(config.train.seed * 100_003 + epoch)
-        train_loader = DataLoader(train_set, batch_size=config.data.batch_size, shuffle=True,
-                                  generator=order, collate_fn=collate_scenes)
+        sampler.set_epoch(epoch)  # the shuffle depends only on (seed, epoch): resumable
         started = time.perf_counter()
         sums: dict[str, float] = defaultdict(float)
         num_points = 0
         for step, batch in enumerate(train_loader, start=1):
             points, targets = _to_device(batch, device)
             with _autocast(config, device):
-                outputs = model(points)
+                outputs = ddp_model(points)
             parts = criterion(outputs, targets)
             loss = sum(parts.values())
             optimizer.zero_grad(set_to_none=True)
@@ -265,6 +278,10 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
                 print(f"  epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f}",
                       flush=True)
         train_seconds = time.perf_counter() - started
+        if distributed:  # throughput of the whole group, not of this rank
+            total = torch.tensor([float(num_points)], device=device)
+            dist.all_reduce(total)
+            num_points = int(total.item())
 
         metrics = {"epoch": epoch}
         metrics.update({f"train_{k}": v / steps_per_epoch for k, v in sums.items()})
@@ -273,12 +290,13 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
         metrics["epoch_seconds"] = time.perf_counter() - started
         metrics["points_per_second"] = num_points / max(train_seconds, 1e-9)
 
-        save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, config)
-        with open(output_dir / METRICS_NAME, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        print(_epoch_line(metrics, config.train.epochs), flush=True)
+        if rank == 0:
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, config)
+            with open(output_dir / METRICS_NAME, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            print(_epoch_line(metrics, config.train.epochs), flush=True)
         if report is not None:
-            report(metrics, checkpoint_path)
+            report(metrics, checkpoint_path if rank == 0 else None)
     if not metrics:  # resumed a run that had already finished: its last epoch's metrics
         lines = (output_dir / METRICS_NAME).read_text().splitlines()
         metrics = json.loads(lines[-1]) if lines else {}

@@ -1,0 +1,178 @@
+"""``python -m ifsearch.launch``: a Ray Tune + Optuna sweep over a search space, logged to MLflow.
+
+With no options it runs ``search_spaces/influencer_default.yaml`` on synthetic scenes on a local
+Ray runtime, logs to a local MLflow server it starts (or reuses) on 127.0.0.1, and ends by writing
+and printing the best config. Everything is validated before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ifsearch.config import load_config
+from ifsearch.errors import ConfigError, IfsearchError
+from ifsearch.search_space import SCHEDULERS, SEARCHERS, SearchSpace, load_search_space
+from ifsearch.tracking_server import check_tracking_uri, running_server, start_local_server
+
+DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "influencer_default.yaml"
+RUNS_DIR = Path("runs")
+PROGRESS_METRICS = ("epoch", "AP50", "AP", "AP25", "val_loss", "duplicate_rate", "epoch_seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ifsearch.launch",
+        description="Search InfluencerFormer hyperparameters with Ray Tune + Optuna; every trial "
+                    "is a Ray Train run, logged to MLflow; the best config is exported.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--space", type=Path, default=DEFAULT_SPACE,
+                   help="search-space YAML (format: search_spaces/README.md)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="trials to run (default: the space's budget.num_samples)")
+    p.add_argument("--max-epochs", type=int, default=None,
+                   help="epochs per trial without early stopping (default: budget.max_epochs)")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials running at once (default: from the CPUs/GPUs Ray reports)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+                   help="early stopping: asha, hyperband, median stopping, or fifo (none); "
+                        "default: the space's scheduler.name")
+    p.add_argument("--searcher", choices=SEARCHERS, default=None,
+                   help="Optuna sampler: tpe, random, cmaes (needs the cmaes package), nsga2 "
+                        "(multi-objective: the objective metric vs epoch_seconds); default: the "
+                        "space's searcher.name")
+    p.add_argument("--workers-per-trial", type=int, default=1,
+                   help="Ray Train workers (DDP ranks) per trial")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="CPUs each worker reserves (also its torch thread count)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs each worker reserves (0 = CPU training)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join: 'auto' or host:port; default starts a local Ray")
+    p.add_argument("--storage", default=None,
+                   help="where Tune/Train keep experiment state and checkpoints: a local dir "
+                        "(default runs/sweeps) or a shared path/URI (s3://..., NFS) on clusters")
+    p.add_argument("--mlflow-uri", default=None,
+                   help="MLflow tracking server (default: $MLFLOW_TRACKING_URI, else a local "
+                        "server under runs/mlflow, started if needed and left running)")
+    p.add_argument("--experiment", default="ifsearch", help="MLflow experiment name")
+    p.add_argument("--name", default=None,
+                   help="sweep name (Tune experiment + MLflow parent run); default: "
+                        "<space name>-<date>-<time>")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep --name (default: the newest sweep of this space) "
+                        "from its Tune state: finished trials are kept, others resume")
+    p.add_argument("--warm-start", type=Path, default=None,
+                   help="a config YAML (e.g. an exported best_config.yaml) evaluated as the "
+                        "first trial")
+    p.add_argument("--seed", type=int, default=None,
+                   help="searcher seed (default: the space's searcher.seed)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE",
+                   help="fix a config value for every trial (repeatable), e.g. "
+                        "--set data.num_points=2048; a searched key becomes fixed")
+    return p
+
+
+@dataclass
+class SweepPlan:
+    """Everything the sweep needs, decided and validated before Ray starts."""
+
+    space: SearchSpace
+    name: str
+    storage: str
+    num_samples: int
+    max_epochs: int
+    grace_period: int
+    scheduler: str
+    searcher: str
+    seed: int
+    metric: str
+    mode: str
+    warm_start: dict | None
+
+
+def plan_sweep(args: argparse.Namespace) -> SweepPlan:
+    """Validate the space, CLI and warm-start file; pick the sweep name and storage."""
+    space = load_search_space(args.space, args.overrides)
+    budget = space.budget
+    if args.max_epochs is not None:  # the budget sets every trial's train.epochs
+        budget["max_epochs"] = args.max_epochs
+        budget["grace_period"] = min(budget["grace_period"], args.max_epochs)
+    max_epochs, grace = budget["max_epochs"], budget["grace_period"]
+    num_samples = args.num_samples or budget["num_samples"]
+    for flag, value in (("--num-samples", num_samples), ("--max-epochs", max_epochs),
+                        ("--workers-per-trial", args.workers_per_trial),
+                        ("--max-concurrent", args.max_concurrent or 1)):
+        if value < 1:
+            raise ConfigError(f"{flag} = {value}: must be >= 1")
+    storage = args.storage or str((RUNS_DIR / "sweeps").resolve())
+    name = args.name
+    if args.resume and name is None:
+        name = _newest_sweep(storage, args.space)
+    if name is None:
+        name = f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    warm = None
+    if args.warm_start is not None:
+        warm = space.point_from_config(load_config(args.warm_start))
+    return SweepPlan(
+        space=space, name=name, storage=storage, num_samples=num_samples,
+        max_epochs=max_epochs, grace_period=grace,
+        scheduler=args.scheduler or space.scheduler["name"],
+        searcher=args.searcher or space.searcher["name"],
+        seed=args.seed if args.seed is not None else space.searcher.get("seed", 0),
+        metric=space.objective["metric"], mode=space.objective["mode"], warm_start=warm,
+    )
+
+
+def _newest_sweep(storage: str, space_path: Path) -> str:
+    root = Path(storage)
+    candidates = sorted(root.glob(f"{Path(space_path).stem}-*"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise ConfigError(f"--resume: no sweep of {Path(space_path).name} under {root}; pass "
+                          "--name of the sweep to resume")
+    return candidates[-1].name
+
+
+def resolve_tracking_uri(cli_uri: str | None, start_local: bool = True) -> str:
+    """--mlflow-uri, else $MLFLOW_TRACKING_URI (both checked), else the local server."""
+    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        check_tracking_uri(uri)
+        return uri
+    root = RUNS_DIR / "mlflow"
+    server = running_server(root)
+    if server is None:
+        if not start_local:
+            raise IfsearchError(f"no --mlflow-uri, no $MLFLOW_TRACKING_URI and no local server "
+                                f"under {root}; start one with `python -m "
+                                f"ifsearch.tracking_server start`")
+        print(f"starting a local MLflow server under {root} ...", flush=True)
+        server = start_local_server(root)
+    return server.url
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        plan = plan_sweep(args)
+        tracking_uri = resolve_tracking_uri(args.mlflow_uri)
+    except IfsearchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from ifsearch.sweep import run_sweep  # imports Ray: only once the inputs are known good
+
+    try:
+        return run_sweep(plan, args, tracking_uri)
+    except IfsearchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

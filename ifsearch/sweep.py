@@ -1,0 +1,228 @@
+"""Run a planned sweep on Ray: resources, Tuner (or restore), MLflow runs, best-config export."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from ifsearch.errors import IfsearchError
+from ifsearch.export import write_best_config
+from ifsearch.launch import PROGRESS_METRICS, SweepPlan
+from ifsearch.sweep_report import write_plots, write_trials_csv
+from ifsearch.tracking import (
+    MlflowTrialLogger,
+    environment_params,
+    find_or_create_parent_run,
+    finish_parent_run,
+)
+from trainables import TrialSettings, train_driver_fn
+
+DRIVER_CPUS = 1.0  # a trial's Tune function only waits on its TorchTrainer
+
+
+def build_searcher(plan: SweepPlan):
+    """OptunaSearch with the chosen sampler; define-by-run keeps conditional parameters."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(
+            seed=plan.seed, n_startup_trials=plan.space.searcher.get("n_startup_trials", 10)),
+        "random": lambda: optuna.samplers.RandomSampler(seed=plan.seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=plan.seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=plan.seed),
+    }
+    metric, mode = plan.metric, plan.mode
+    if plan.searcher == "nsga2":  # quality vs cost
+        metric, mode = [plan.metric, "epoch_seconds"], [plan.mode, "min"]
+    return OptunaSearch(
+        space=plan.space.define_by_run,
+        metric=metric,
+        mode=mode,
+        sampler=samplers[plan.searcher](),
+        points_to_evaluate=[plan.warm_start] if plan.warm_start else None,
+    )
+
+
+def build_scheduler(plan: SweepPlan):
+    """Tune scheduler on the reported, monotonic ``epoch`` (training_iteration restarts)."""
+    from ray.tune.schedulers import (
+        ASHAScheduler,
+        FIFOScheduler,
+        HyperBandScheduler,
+        MedianStoppingRule,
+    )
+
+    common = dict(time_attr="epoch", metric=plan.metric, mode=plan.mode)
+    reduction = plan.space.scheduler.get("reduction_factor", 2)
+    if plan.scheduler == "asha":
+        return ASHAScheduler(max_t=plan.max_epochs, grace_period=plan.grace_period,
+                             reduction_factor=reduction, **common)
+    if plan.scheduler == "hyperband":
+        return HyperBandScheduler(max_t=plan.max_epochs, reduction_factor=reduction, **common)
+    if plan.scheduler == "median":
+        return MedianStoppingRule(grace_period=plan.grace_period, **common)
+    return FIFOScheduler()
+
+
+def start_ray(args: argparse.Namespace) -> tuple[int, str]:
+    """Join --address, or start a local Ray; return (max concurrent trials, description).
+
+    Tune does not count Train's worker resources, so concurrency is bounded here from what the
+    workers need. Locally the drivers are idle while their workers train, so Ray gets one extra
+    logical CPU per concurrent trial and the log says so. A request no node can ever satisfy is
+    refused here instead of waiting forever.
+    """
+    workers, cpus, gpus = args.workers_per_trial, args.cpus_per_worker, args.gpus_per_worker
+    if args.address:
+        ray.init(address=args.address)
+        total = ray.cluster_resources()
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        biggest_cpu = max((n.get("CPU", 0) for n in nodes), default=0)
+        biggest_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
+        if cpus > biggest_cpu or gpus > biggest_gpu:
+            raise IfsearchError(
+                f"each worker asks for {cpus} CPU / {gpus} GPU but the largest node at "
+                f"{args.address} has {biggest_cpu} CPU / {biggest_gpu} GPU; lower "
+                "--cpus-per-worker/--gpus-per-worker"
+            )
+        by_cpu = total.get("CPU", 0) // (DRIVER_CPUS + workers * cpus)
+        by_gpu = total.get("GPU", 0) // (workers * gpus) if gpus else math.inf
+        fit = int(min(by_cpu, by_gpu))
+        if fit < 1:
+            raise IfsearchError(
+                f"one trial needs {DRIVER_CPUS + workers * cpus:g} CPU and {workers * gpus:g} "
+                f"GPU but the cluster has {total.get('CPU', 0):g} CPU and "
+                f"{total.get('GPU', 0):g} GPU; lower --workers-per-trial or the per-worker "
+                "resources"
+            )
+        concurrent = min(args.max_concurrent or fit, fit)
+        return concurrent, f"Ray cluster {args.address}: {total.get('CPU', 0):g} CPU, " \
+                           f"{total.get('GPU', 0):g} GPU"
+    cores = os.cpu_count() or 1
+    import torch
+
+    local_gpus = torch.cuda.device_count()
+    if gpus and workers * gpus > local_gpus:
+        raise IfsearchError(f"a trial needs {workers * gpus:g} GPUs but this machine has "
+                            f"{local_gpus}; lower --gpus-per-worker or --workers-per-trial")
+    fit = max(1, int(cores // (workers * cpus)))
+    if gpus:
+        fit = min(fit, int(local_gpus // (workers * gpus)))
+    concurrent = args.max_concurrent or fit
+    logical = int(math.ceil(concurrent * (DRIVER_CPUS + workers * cpus)))
+    ray.init(num_cpus=max(logical, cores), num_gpus=local_gpus,
+             dashboard_host="127.0.0.1", include_dashboard=True)
+    note = (f"local Ray on {cores} cores with {max(logical, cores)} logical CPUs: each of "
+            f"{concurrent} concurrent trials reserves {DRIVER_CPUS:g} CPU for its idle driver + "
+            f"{workers}x{cpus:g} for its workers")
+    return concurrent, note
+
+
+def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> int:
+    """Run (or resume) the sweep and export the best config; returns the exit code."""
+    concurrent, where = start_ray(args)
+    print(where, flush=True)
+    sweep_dir = Path(plan.storage) / plan.name
+    settings = TrialSettings(
+        space=plan.space, num_workers=args.workers_per_trial,
+        cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+        storage_path=str(Path(plan.storage) / plan.name / "train"),
+    )
+    client = MlflowClient(tracking_uri)
+    parent_params = {
+        "space": str(args.space), "scheduler": plan.scheduler, "searcher": plan.searcher,
+        "num_samples": plan.num_samples, "max_epochs": plan.max_epochs,
+        "grace_period": plan.grace_period, "metric": plan.metric, "mode": plan.mode,
+        "seed": plan.seed, "workers_per_trial": args.workers_per_trial,
+        "cpus_per_worker": args.cpus_per_worker, "gpus_per_worker": args.gpus_per_worker,
+        "max_concurrent": concurrent, "overrides": " ".join(args.overrides),
+        "host": platform.node(), **environment_params(),
+    }
+    parent_run_id = find_or_create_parent_run(client, args.experiment, plan.name, parent_params,
+                                              [Path(args.space)])
+    logger = MlflowTrialLogger(tracking_uri, args.experiment, plan.name, parent_run_id,
+                               plan.space, plan.max_epochs)
+    trainable = tune.with_resources(
+        tune.with_parameters(train_driver_fn, settings=settings), {"cpu": DRIVER_CPUS}
+    )
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table takes chosen columns
+    reporter = tune.CLIReporter(
+        metric_columns=list(PROGRESS_METRICS),
+        parameter_columns=list(plan.space.params)[:6],
+        metric=plan.metric, mode=plan.mode, sort_by_metric=True, max_report_frequency=15,
+    )
+    run_config = tune.RunConfig(name=plan.name, storage_path=plan.storage, callbacks=[logger],
+                                progress_reporter=reporter)
+    if args.resume:
+        if not tune.Tuner.can_restore(str(sweep_dir)):
+            raise IfsearchError(f"--resume: no Tune experiment state in {sweep_dir}")
+        print(f"resuming sweep {plan.name} from {sweep_dir}", flush=True)
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=build_searcher(plan), scheduler=build_scheduler(plan),
+                num_samples=plan.num_samples, max_concurrent_trials=concurrent,
+            ),
+            run_config=run_config,
+        )
+    print(f"sweep {plan.name}: {plan.num_samples} trials x <= {plan.max_epochs} epochs, "
+          f"{plan.searcher} + {plan.scheduler}, {concurrent} at once; MLflow {tracking_uri} "
+          f"(experiment {args.experiment!r})", flush=True)
+    results = tuner.fit()
+    return _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_dir)
+
+
+def _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_dir) -> int:
+    """Pick the best trial, write and log best_config.yaml, the trials CSV and plots."""
+    ok = [r for r in results if r.error is None and plan.metric in (r.metrics or {})]
+    if not ok:
+        finish_parent_run(client, parent_run_id, status="FAILED")
+        raise IfsearchError(f"no trial of sweep {plan.name} reported {plan.metric}; see the "
+                            f"trial errors above and {sweep_dir}")
+    best = results.get_best_result(plan.metric, plan.mode, scope="last",
+                                   filter_nan_and_inf=True)
+    sampled = {k: v for k, v in best.config.items() if k in plan.space.params}
+    config = plan.space.resolve(sampled)
+    checkpoint = best.metrics.get("checkpoint_path")
+    best_path = write_best_config(config, sweep_dir / "best_config.yaml", {
+        "metric": plan.metric, "mode": plan.mode, "sweep": plan.name,
+        "trial_id": best.metrics.get("trial_id"), "checkpoint": checkpoint,
+        "metrics": {k: v for k, v in best.metrics.items() if isinstance(v, (int, float))},
+        "searched": sampled,
+    })
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = write_trials_csv(results, Path(tmp) / "trials.csv")
+        plots = write_plots(results, plan, Path(tmp) / "plots")
+        finish_parent_run(
+            client, parent_run_id,
+            metrics={k: best.metrics[k] for k in ("AP", "AP50", "AP25") if k in best.metrics},
+            artifacts=[best_path, best_path.with_name("best_config_trial.json"), csv_path],
+            artifact_dirs={"plots": plots},
+            tags={"ifsearch.best_trial": str(best.metrics.get("trial_id")),
+                  "ifsearch.checkpoint": str(checkpoint)},
+        )
+    failed = len(results) - len(ok)
+    print("\nbest trial:", best.metrics.get("trial_id"),
+          " ".join(f"{k}={best.metrics[k]:.4f}" for k in ("AP", "AP50", "AP25")
+                   if k in best.metrics))
+    for key, value in sampled.items():
+        print(f"  {key}: {value}")
+    print(f"best config:   {best_path}")
+    print(f"checkpoint:    {checkpoint}")
+    print(f"MLflow UI:     {tracking_uri}  (experiment {args.experiment!r}, run {plan.name!r})")
+    print(f"retrain:       python -m ifsearch.train --config {best_path}")
+    print(f"warm start:    python -m ifsearch.launch --warm-start {best_path}")
+    if failed:
+        print(f"{failed} trial(s) failed; their errors are in {sweep_dir}")
+    return 0

@@ -1,0 +1,32 @@
+"""Each Ray Train worker: rebuild the config, restore the latest checkpoint, run ``train_loop``."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from ifsearch.config import config_from_dict
+from ifsearch.train import CHECKPOINT_NAME, METRICS_NAME, train_loop
+from trainables import ray_report
+
+
+def train_fn_per_worker(train_loop_config: dict) -> None:
+    """Run the plain training loop on this worker; DDP is already initialised by Ray Train.
+
+    Args:
+        train_loop_config: ``{"config": <nested config dict>, "trial_id": str}``.
+    """
+    config = config_from_dict(train_loop_config["config"], source="trial config")
+    rank = ray_report.worker_rank()
+    # Each worker trains in a scratch directory; Ray's storage keeps the checkpoints.
+    output_dir = Path(tempfile.mkdtemp(prefix=f"ifsearch_{train_loop_config['trial_id']}_r{rank}_"))
+    config.train.output_dir = str(output_dir)
+    config.train.resume = ray_report.restore_latest_checkpoint(
+        output_dir, (CHECKPOINT_NAME, METRICS_NAME)
+    )
+
+    def report(metrics: dict, checkpoint: Path | None) -> None:
+        files = [checkpoint, output_dir / METRICS_NAME] if checkpoint else None
+        ray_report.report_epoch(metrics, files)
+
+    train_loop(config, report=report)
