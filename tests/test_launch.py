@@ -1,0 +1,204 @@
+"""The search service end to end: real local Ray, real `mlflow server`, real CLI processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from ifsearch.config import load_config
+from ifsearch.launch import build_parser
+from ifsearch.tracking import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from ifsearch.tracking_server import start_local_server, stop_local_server
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tiny scenes: a trial epoch takes well under a second; Ray start-up dominates.
+TINY_SPACE = {
+    "base": {
+        "data": {"num_points": 192, "train_scenes": 6, "val_scenes": 3, "max_instances": 3,
+                 "batch_size": 3},
+        "model": {"embed_dim": 16, "num_heads": 2, "ffn_dim": 32, "decoder_layers": 1},
+    },
+    "space": {
+        # A wide LR range makes val_loss differ between trials, so ASHA has something to cut.
+        "train.lr": {"type": "loguniform", "low": 1.0e-5, "high": 3.0e-2},
+        "loss.margin": {"type": "uniform", "low": 0.5, "high": 2.0},
+        "model.num_queries": {"type": "int", "low": 4, "high": 8},
+    },
+    "objective": {"metric": "val_loss", "mode": "min"},
+    "budget": {"num_samples": 4, "max_epochs": 4, "grace_period": 1},
+    "scheduler": {"name": "asha", "reduction_factor": 2},
+    "searcher": {"name": "tpe", "seed": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    server = start_local_server(root)
+    yield server.url
+    stop_local_server(root)
+
+
+def launch(tmp_path, uri, *extra, timeout=420, wait=True):
+    space = tmp_path / "tiny_space.yaml"
+    space.write_text(yaml.safe_dump(TINY_SPACE))
+    cmd = [sys.executable, "-m", "ifsearch.launch", "--space", str(space),
+           "--storage", str(tmp_path / "sweeps"), "--mlflow-uri", uri,
+           "--experiment", tmp_path.name, "--max-concurrent", "2", *extra]
+    env = dict(os.environ, RAY_DEDUP_LOGS="0")
+    if not wait:
+        return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return run.stdout
+
+
+def sweep_runs(uri, experiment, sweep):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}'")
+    parents = [r for r in runs if r.data.tags[ROLE_TAG] == "sweep"]
+    trials = [r for r in runs if r.data.tags[ROLE_TAG] == "trial"]
+    return client, parents, trials
+
+
+@pytest.mark.slow
+def test_sweep_logs_to_mlflow_exports_and_warm_starts(tmp_path, mlflow_server):
+    warm = tmp_path / "warm.yaml"
+    warm.write_text(yaml.safe_dump({"train": {"lr": 0.00123}, "loss": {"margin": 1.77},
+                                    "model": {"num_queries": 7}}))
+    out = launch(tmp_path, mlflow_server, "--name", "e2e", "--warm-start", str(warm))
+    assert "best config:" in out and "MLflow UI:" in out
+
+    client, parents, trials = sweep_runs(mlflow_server, tmp_path.name, "e2e")
+    assert len(parents) == 1 and len(trials) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["scheduler"] == "asha" and "ray_version" in parent.data.params
+    parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"best_config.yaml", "trials.csv", "plots"} <= parent_files
+    plots = {f.path for f in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/val_loss_vs_epoch.png" in plots
+
+    statuses = {}
+    for run in trials:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.params["train.lr"] and run.data.params["loss.name"] == "influencer"
+        assert "training_iteration" not in run.data.metrics  # no Tune bookkeeping
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        epochs = [m.step for m in history]
+        assert epochs == list(range(1, len(epochs) + 1))
+        # FINISHED when all 4 epochs ran, KILLED when ASHA stopped the trial early.
+        expected = "FINISHED" if len(epochs) == 4 else "KILLED"
+        assert run.info.status == expected
+        statuses[run.data.tags[TRIAL_TAG]] = expected
+    assert "KILLED" in statuses.values(), "ASHA stopped no trial early"
+
+    # Warm start: the given config is the first trial evaluated.
+    first = min(trials, key=lambda r: r.info.start_time)
+    assert float(first.data.params["train.lr"]) == pytest.approx(0.00123)
+    assert float(first.data.params["loss.margin"]) == pytest.approx(1.77)
+    assert first.data.params["model.num_queries"] == "7"
+
+    best = tmp_path / "sweeps" / "e2e" / "best_config.yaml"
+    details = json.loads(best.with_name("best_config_trial.json").read_text())
+    assert details["checkpoint"] and details["metric"] == "val_loss"
+    config = load_config(best)
+    assert config.train.epochs == 4 and config.data.num_points == 192
+    best_run = [r for r in trials if r.data.tags[TRIAL_TAG] == details["trial_id"]][0]
+    assert float(best_run.data.params["train.lr"]) == pytest.approx(config.train.lr)
+
+    retrain = subprocess.run(
+        [sys.executable, "-m", "ifsearch.train", "--config", str(best),
+         "--output-dir", str(tmp_path / "retrain"), "--set", "train.epochs=1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert retrain.returncode == 0, retrain.stderr
+    assert (tmp_path / "retrain" / "checkpoint.pt").exists()
+
+    exported = tmp_path / "exported.yaml"
+    export = subprocess.run(
+        [sys.executable, "-m", "ifsearch.export", "--experiment", tmp_path.name,
+         "--mlflow-uri", mlflow_server, "--metric", "val_loss", "--mode", "min", "--top", "2",
+         "--output", str(exported)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert export.returncode == 0, export.stderr
+    assert load_config(exported) == config
+    assert exported.with_name("exported_rank2.yaml").exists()
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_duplicates(tmp_path, mlflow_server):
+    proc = launch(tmp_path, mlflow_server, "--name", "resumable", wait=False)
+    client = MlflowClient(mlflow_server)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:  # interrupt once some but not all trials are done
+            exp = client.get_experiment_by_name(tmp_path.name)
+            done = [] if exp is None else client.search_runs(
+                [exp.experiment_id],
+                filter_string=f"tags.`{ROLE_TAG}` = 'trial' and attributes.status != 'RUNNING'")
+            if done:
+                break
+            time.sleep(1)
+        assert done, "no trial finished in time"
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _, _, before = sweep_runs(mlflow_server, tmp_path.name, "resumable")
+    assert 1 <= len(before) < 4 or any(r.info.status == "RUNNING" for r in before)
+
+    out = launch(tmp_path, mlflow_server, "--resume", "--name", "resumable")
+    assert "resuming sweep resumable" in out
+    _, parents, trials = sweep_runs(mlflow_server, tmp_path.name, "resumable")
+    trial_ids = [r.data.tags[TRIAL_TAG] for r in trials]
+    assert len(parents) == 1
+    assert len(trial_ids) == len(set(trial_ids)) == 4  # no trial ran twice, none was lost
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in trials)
+    # The searcher state survived: the resumed sweep sampled only the missing trials.
+    configs = {(r.data.params["train.lr"], r.data.params["loss.margin"]) for r in trials}
+    assert len(configs) == 4
+
+
+def test_bad_space_fails_before_ray_starts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"space": {"loss.margn": {"type": "uniform", "low": 0,
+                                                           "high": 1}}}))
+    run = subprocess.run([sys.executable, "-m", "ifsearch.launch", "--space", str(bad),
+                          "--mlflow-uri", "http://127.0.0.1:9"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 2
+    assert "bad.yaml" in run.stderr and "loss.margn" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unreachable_mlflow_uri_fails_before_ray_starts(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "ifsearch.launch",
+                          "--mlflow-uri", "http://127.0.0.1:9"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 2
+    assert "http://127.0.0.1:9" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_help_explains_every_option():
+    text = build_parser().format_help()
+    for option in ("--space", "--num-samples", "--max-concurrent", "--scheduler", "--searcher",
+                   "--workers-per-trial", "--gpus-per-worker", "--address", "--storage",
+                   "--mlflow-uri", "--experiment", "--name", "--resume", "--warm-start",
+                   "--seed", "--set"):
+        assert option in text
+    assert "nsga2" in text and "hyperband" in text
