@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/python -m ifsearch.train
+	$(BIN)/python -m ifsearch.launch
 
 test: install
 	$(BIN)/python -m pytest tests

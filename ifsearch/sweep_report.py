@@ -33,7 +33,8 @@ def write_plots(results, plan, directory: Path) -> Path:
                 label=str(result.metrics.get("trial_id", "")))
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"val {plan.metric}")
-    ax.set_title(f"{plan.name}: {plan.metric} per epoch (early-stopped trials end early)")
+    ax.set_title(f"{plan.name}\n{plan.metric} per epoch (early-stopped trials end early)",
+                 fontsize=9)
     if len(results) <= 12:
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -67,11 +68,17 @@ def study_from_results(results, plan) -> optuna.Study:
         if result.error is not None or value is None:
             continue
         params = {k: v for k, v in result.config.items() if k in plan.space.params}
-        study.add_trial(optuna.trial.create_trial(
-            params=params,
-            distributions={k: _distribution(plan.space.params[k]) for k in params},
-            value=float(value),
-        ))
+        try:
+            trial = optuna.trial.create_trial(
+                params=params,
+                distributions={k: _distribution(plan.space.params[k]) for k in params},
+                value=float(value),
+            )
+        except ValueError:  # e.g. a warm-start point outside the searched ranges
+            print(f"plots leave out trial {result.metrics.get('trial_id')}: its parameters "
+                  "lie outside the search space")
+            continue
+        study.add_trial(trial)
     return study
 
 

@@ -25,12 +25,14 @@ TINY_SPACE = {
         "data": {"num_points": 192, "train_scenes": 6, "val_scenes": 3, "max_instances": 3,
                  "batch_size": 3},
         "model": {"embed_dim": 16, "num_heads": 2, "ffn_dim": 32, "decoder_layers": 1},
+        "train": {"warmup_epochs": 0.0},
     },
+    # Sampled trials get a near-zero LR, so after epoch 1 their val_loss is ~9.294 (+-3e-4),
+    # while the warm start (lr 1e-2) reaches ~6.97. Whatever order trials reach ASHA's first
+    # rung in, one of the sampled trials lands below the cutoff: the early stop is certain.
     "space": {
-        # A wide LR range makes val_loss differ between trials, so ASHA has something to cut.
-        "train.lr": {"type": "loguniform", "low": 1.0e-5, "high": 3.0e-2},
-        "loss.margin": {"type": "uniform", "low": 0.5, "high": 2.0},
-        "model.num_queries": {"type": "int", "low": 4, "high": 8},
+        "train.lr": {"type": "loguniform", "low": 1.0e-7, "high": 1.0e-6},
+        "train.weight_decay": {"type": "uniform", "low": 0.0, "high": 1.0e-4},
     },
     "objective": {"metric": "val_loss", "mode": "min"},
     "budget": {"num_samples": 4, "max_epochs": 4, "grace_period": 1},
@@ -75,8 +77,9 @@ def sweep_runs(uri, experiment, sweep):
 @pytest.mark.slow
 def test_sweep_logs_to_mlflow_exports_and_warm_starts(tmp_path, mlflow_server):
     warm = tmp_path / "warm.yaml"
-    warm.write_text(yaml.safe_dump({"train": {"lr": 0.00123}, "loss": {"margin": 1.77},
-                                    "model": {"num_queries": 7}}))
+    warm_config = {k: dict(v) for k, v in TINY_SPACE["base"].items()}
+    warm_config["train"].update({"lr": 0.01, "weight_decay": 7.0e-5})
+    warm.write_text(yaml.safe_dump(warm_config))
     out = launch(tmp_path, mlflow_server, "--name", "e2e", "--warm-start", str(warm))
     assert "best config:" in out and "MLflow UI:" in out
 
@@ -106,9 +109,9 @@ def test_sweep_logs_to_mlflow_exports_and_warm_starts(tmp_path, mlflow_server):
 
     # Warm start: the given config is the first trial evaluated.
     first = min(trials, key=lambda r: r.info.start_time)
-    assert float(first.data.params["train.lr"]) == pytest.approx(0.00123)
-    assert float(first.data.params["loss.margin"]) == pytest.approx(1.77)
-    assert first.data.params["model.num_queries"] == "7"
+    assert float(first.data.params["train.lr"]) == pytest.approx(0.01)
+    assert float(first.data.params["train.weight_decay"]) == pytest.approx(7.0e-5)
+    assert statuses[first.data.tags[TRIAL_TAG]] == "FINISHED"  # the best trial is never cut
 
     best = tmp_path / "sweeps" / "e2e" / "best_config.yaml"
     details = json.loads(best.with_name("best_config_trial.json").read_text())
@@ -169,7 +172,7 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, mlflow_server):
     assert len(trial_ids) == len(set(trial_ids)) == 4  # no trial ran twice, none was lost
     assert all(r.info.status in ("FINISHED", "KILLED") for r in trials)
     # The searcher state survived: the resumed sweep sampled only the missing trials.
-    configs = {(r.data.params["train.lr"], r.data.params["loss.margin"]) for r in trials}
+    configs = {(r.data.params["train.lr"], r.data.params["train.weight_decay"]) for r in trials}
     assert len(configs) == 4
 
 
