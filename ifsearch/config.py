@@ -181,18 +181,30 @@ def config_from_dict(raw: Any, source: str = "<dict>") -> Config:
     return config
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config file, apply ``key=value`` overrides, and validate the result."""
+def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict:
+    """A YAML file whose top level is a mapping ({} when empty), or a ConfigError saying why not.
+
+    Args:
+        path: the file.
+        what: what the file is, for messages ("config file", "search space file").
+        expected: what the top level should hold, for messages.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if raw is not None and not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {raw!r}")
-    raw = apply_overrides(raw or {}, overrides or [])
+        raise ConfigError(f"{path}: the top level must be a mapping {expected}, got {raw!r}")
+    return raw or {}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file, apply ``key=value`` overrides, and validate the result."""
+    raw = read_yaml_mapping(path, "config file", "of sections")
+    raw = apply_overrides(raw, overrides or [])
     return config_from_dict(raw, source=str(path))
 
 

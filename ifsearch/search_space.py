@@ -29,9 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ifsearch.config import Config, apply_overrides, config_from_dict
+from ifsearch.config import Config, apply_overrides, config_from_dict, read_yaml_mapping
 from ifsearch.errors import ConfigError
 
 KNOWN_METRICS = (
@@ -282,20 +280,8 @@ def load_search_space(path: str | Path, overrides: list[str] | None = None) -> S
     Raises:
         ConfigError: listing every problem at once, each with file, key, value and fix.
     """
-    path = Path(path)
-    src = str(path)
-    if not path.is_file():
-        raise ConfigError(f"search space file {src!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{src}: not valid YAML: {exc}") from exc
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{src}: the top level must be a mapping with keys "
-                          f"{list(TOP_LEVEL_KEYS)}, got {raw!r}")
-    return _Validator(src, raw, overrides or []).run()
+    raw = read_yaml_mapping(path, "search space file", f"with keys {list(TOP_LEVEL_KEYS)}")
+    return _Validator(str(path), raw, overrides or []).run()
 
 
 class _Validator:

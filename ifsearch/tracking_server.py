@@ -205,17 +205,21 @@ def _group_alive(pgid: int) -> bool:
     return any(_pid_alive(pid) for pid in _group_members(pgid)) or _pid_alive(pgid)
 
 
-def _group_members(pgid: int) -> list[int]:
-    members = []
+def _processes() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every live process, from Linux ``/proc``."""
+    found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
+            try:  # the command name may contain ")" or spaces: split after its last ")"
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except (OSError, IndexError):
                 continue
-            if int(fields[2]) == pgid:
-                members.append(int(entry.name))
-    return members
+            found.append((int(entry.name), int(fields[1]), int(fields[2])))
+    return found
+
+
+def _group_members(pgid: int) -> list[int]:
+    return [pid for pid, _, group in _processes() if group == pgid]
 
 
 def _cmdline(pid: int) -> str:
@@ -228,13 +232,8 @@ def _cmdline(pid: int) -> str:
 def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants (Linux ``/proc``); empty when ``pid`` is gone."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    for child, parent, _ in _processes():
+        children.setdefault(parent, []).append(child)
     if not Path(f"/proc/{pid}").exists():
         return []
     tree, todo = [], [pid]
