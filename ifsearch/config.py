@@ -138,6 +138,15 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def flatten_config(config: Config) -> dict[str, Any]:
+    """``{"section.key": value}`` for every field: the names search spaces and MLflow params use."""
+    return {
+        f"{section}.{key}": value
+        for section, values in config_to_dict(config).items()
+        for key, value in values.items()
+    }
+
+
 def config_from_dict(raw: Any, source: str = "<dict>") -> Config:
     """Build and validate a Config from a nested dict; every problem is reported at once.
 

@@ -29,7 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ifsearch.config import Config, apply_overrides, config_from_dict, read_yaml_mapping
+from ifsearch.config import (
+    Config,
+    apply_overrides,
+    config_from_dict,
+    flatten_config,
+    read_yaml_mapping,
+)
 from ifsearch.errors import ConfigError
 
 KNOWN_METRICS = (
@@ -249,7 +255,7 @@ class SearchSpace:
         ``define_by_run`` would not suggest them. ``resolve(point_from_config(c))`` gives back
         ``c`` when ``c`` only differs from the base in searched keys.
         """
-        flat = _flatten_config(config)
+        flat = flatten_config(config)
         return {
             spec.name: flat[spec.name]
             for spec in self.params.values()
@@ -258,7 +264,7 @@ class SearchSpace:
 
     def _base_values(self) -> dict[str, Any]:
         """Flat dotted-key values of the base config (defaults filled in)."""
-        return _flatten_config(config_from_dict(self.base_dict(), source=self.path))
+        return flatten_config(config_from_dict(self.base_dict(), source=self.path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -660,16 +666,6 @@ def _config_fields() -> dict[str, dict[str, Any]]:
         hints = typing.get_type_hints(cls)
         out[section.name] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
     return out
-
-
-def _flatten_config(config: Config) -> dict[str, Any]:
-    """``{"section.key": value}`` for every field of ``config``."""
-    flat: dict[str, Any] = {}
-    for section in dataclasses.fields(config):
-        values = getattr(config, section.name)
-        for f in dataclasses.fields(values):
-            flat[f"{section.name}.{f.name}"] = getattr(values, f.name)
-    return flat
 
 
 def _dependency_order(params: dict[str, ParamSpec]) -> tuple[list[ParamSpec], set[str]]:

@@ -15,7 +15,7 @@ from ray import tune
 
 from ifsearch.errors import IfsearchError
 from ifsearch.export import write_best_config
-from ifsearch.launch import PROGRESS_METRICS, SweepPlan
+from ifsearch.launch import PROGRESS_METRICS, RUNS_DIR, SweepPlan
 from ifsearch.sweep_report import write_plots, write_trials_csv
 from ifsearch.tracking import (
     MlflowTrialLogger,
@@ -131,11 +131,13 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
     """Run (or resume) the sweep and export the best config; returns the exit code."""
     concurrent, where = start_ray(args)
     print(where, flush=True)
-    sweep_dir = Path(plan.storage) / plan.name
+    # Storage may be a URI (s3://...): join it as text. Exported files always go to a local dir.
+    sweep_uri = f"{plan.storage.rstrip('/')}/{plan.name}"
+    local_dir = Path(sweep_uri) if "://" not in sweep_uri else RUNS_DIR / "sweeps" / plan.name
     settings = TrialSettings(
         space=plan.space, num_workers=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-        storage_path=str(Path(plan.storage) / plan.name / "train"),
+        storage_path=f"{sweep_uri}/train",
     )
     client = MlflowClient(tracking_uri)
     parent_params = {
@@ -163,10 +165,10 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
     run_config = tune.RunConfig(name=plan.name, storage_path=plan.storage, callbacks=[logger],
                                 progress_reporter=reporter)
     if args.resume:
-        if not tune.Tuner.can_restore(str(sweep_dir)):
-            raise IfsearchError(f"--resume: no Tune experiment state in {sweep_dir}")
-        print(f"resuming sweep {plan.name} from {sweep_dir}", flush=True)
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
+        if not tune.Tuner.can_restore(sweep_uri):
+            raise IfsearchError(f"--resume: no Tune experiment state in {sweep_uri}")
+        print(f"resuming sweep {plan.name} from {sweep_uri}", flush=True)
+        tuner = tune.Tuner.restore(sweep_uri, trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -180,22 +182,23 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
           f"{plan.searcher} + {plan.scheduler}, {concurrent} at once; MLflow {tracking_uri} "
           f"(experiment {args.experiment!r})", flush=True)
     results = tuner.fit()
-    return _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_dir)
+    return _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri, local_dir)
 
 
-def _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_dir) -> int:
+def _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri: str,
+            local_dir: Path) -> int:
     """Pick the best trial, write and log best_config.yaml, the trials CSV and plots."""
     ok = [r for r in results if r.error is None and plan.metric in (r.metrics or {})]
     if not ok:
         finish_parent_run(client, parent_run_id, status="FAILED")
         raise IfsearchError(f"no trial of sweep {plan.name} reported {plan.metric}; see the "
-                            f"trial errors above and {sweep_dir}")
+                            f"trial errors above and {sweep_uri}")
     best = results.get_best_result(plan.metric, plan.mode, scope="last",
                                    filter_nan_and_inf=True)
     sampled = {k: v for k, v in best.config.items() if k in plan.space.params}
     config = plan.space.resolve(sampled)
     checkpoint = best.metrics.get("checkpoint_path")
-    best_path = write_best_config(config, sweep_dir / "best_config.yaml", {
+    best_path = write_best_config(config, local_dir / "best_config.yaml", {
         "metric": plan.metric, "mode": plan.mode, "sweep": plan.name,
         "trial_id": best.metrics.get("trial_id"), "checkpoint": checkpoint,
         "metrics": {k: v for k, v in best.metrics.items() if isinstance(v, (int, float))},
@@ -224,5 +227,5 @@ def _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_dir)
     print(f"retrain:       python -m ifsearch.train --config {best_path}")
     print(f"warm start:    python -m ifsearch.launch --warm-start {best_path}")
     if failed:
-        print(f"{failed} trial(s) failed; their errors are in {sweep_dir}")
+        print(f"{failed} trial(s) failed; their errors are in {sweep_uri}")
     return 0

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS
 
-from ifsearch.config import Config, config_to_dict, save_config
+from ifsearch.config import flatten_config, save_config
 from ifsearch.search_space import SearchSpace
 
 SWEEP_TAG = "ifsearch.sweep"
@@ -34,15 +34,6 @@ NOT_METRICS = set(AUTO_RESULT_KEYS) | set(DEBUG_METRICS) | {
     "training_iteration", "warmup_time",
 }
 MAX_PARAM_LENGTH = 500
-
-
-def flatten_config(config: Config) -> dict[str, Any]:
-    """{"loss.margin": 1.0, ...}: every config value under its dotted key."""
-    return {
-        f"{section}.{key}": value
-        for section, values in config_to_dict(config).items()
-        for key, value in values.items()
-    }
 
 
 def code_version() -> str:
@@ -194,9 +185,12 @@ class MlflowTrialLogger(tune.Callback):
         self.client.log_batch(self.run_id(trial), metrics=metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        epochs = int((trial.last_result or {}).get("epoch", 0))
+        last = trial.last_result or {}
+        epochs = int(last.get("epoch", 0))
         status = "FINISHED" if epochs >= self.max_epochs else "KILLED"
         run_id = self.run_id(trial)
+        if last.get("checkpoint_path"):  # Train's latest checkpoint, forwarded by Tune
+            self.client.set_tag(run_id, "ifsearch.checkpoint", str(last["checkpoint_path"]))
         if status == "KILLED":
             self.client.set_tag(run_id, "ifsearch.stopped_at_epoch", str(epochs))
         self.client.set_terminated(run_id, status=status)

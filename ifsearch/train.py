@@ -289,6 +289,8 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
         metrics["lr"] = scheduler.get_last_lr()[0]
         metrics["epoch_seconds"] = time.perf_counter() - started
         metrics["points_per_second"] = num_points / max(train_seconds, 1e-9)
+        metrics["steps_per_epoch"] = steps_per_epoch  # per rank: DDP splits the scenes
+        metrics["start_epoch"] = start_epoch  # > 1 when this process resumed a checkpoint
 
         if rank == 0:
             save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, config)

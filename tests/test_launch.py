@@ -138,6 +138,9 @@ def test_sweep_logs_to_mlflow_exports_and_warm_starts(tmp_path, mlflow_server):
     )
     assert export.returncode == 0, export.stderr
     assert load_config(exported) == config
+    exported_details = json.loads(tmp_path.joinpath("exported_trial.json").read_text())
+    assert exported_details["trial_id"] == details["trial_id"]
+    assert exported_details["checkpoint"] == details["checkpoint"]
     assert exported.with_name("exported_rank2.yaml").exists()
 
 
@@ -205,3 +208,23 @@ def test_help_explains_every_option():
                    "--seed", "--set"):
         assert option in text
     assert "nsga2" in text and "hyperband" in text
+
+
+@pytest.mark.parametrize("searcher", ["tpe", "random", "cmaes", "nsga2"])
+@pytest.mark.parametrize("scheduler", ["asha", "hyperband", "median", "fifo"])
+def test_every_searcher_and_scheduler_builds(tmp_path, searcher, scheduler):
+    from ifsearch.launch import plan_sweep
+    from ifsearch.sweep import build_scheduler, build_searcher
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(TINY_SPACE))
+    args = build_parser().parse_args(["--space", str(space), "--searcher", searcher,
+                                      "--scheduler", scheduler, "--max-epochs", "3"])
+    plan = plan_sweep(args)
+    assert plan.max_epochs == 3 and plan.grace_period == 1
+    search_alg = build_searcher(plan)
+    if searcher == "nsga2":  # multi-objective: quality vs cost
+        assert search_alg._metric == ["val_loss", "epoch_seconds"]
+    assert type(build_scheduler(plan)).__name__ == {
+        "asha": "AsyncHyperBandScheduler", "hyperband": "HyperBandScheduler",
+        "median": "MedianStoppingRule", "fifo": "FIFOScheduler"}[scheduler]
