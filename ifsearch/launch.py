@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="early stopping: asha, hyperband, median stopping, or fifo (none); "
                         "default: the space's scheduler.name")
     p.add_argument("--searcher", choices=SEARCHERS, default=None,
-                   help="Optuna sampler: tpe, random, cmaes (needs the cmaes package), nsga2 "
+                   help="Optuna sampler: tpe, random, cmaes, nsga2 "
                         "(multi-objective: the objective metric vs epoch_seconds); default: the "
                         "space's searcher.name")
     p.add_argument("--workers-per-trial", type=int, default=1,
