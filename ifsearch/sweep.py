@@ -9,9 +9,17 @@ import platform
 import tempfile
 from pathlib import Path
 
+import optuna
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.tune.schedulers import (
+    ASHAScheduler,
+    FIFOScheduler,
+    HyperBandScheduler,
+    MedianStoppingRule,
+)
+from ray.tune.search.optuna import OptunaSearch
 
 from ifsearch.errors import IfsearchError
 from ifsearch.export import write_best_config
@@ -30,9 +38,6 @@ DRIVER_CPUS = 1.0  # a trial's Tune function only waits on its TorchTrainer
 
 def build_searcher(plan: SweepPlan):
     """OptunaSearch with the chosen sampler; define-by-run keeps conditional parameters."""
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
     samplers = {
         "tpe": lambda: optuna.samplers.TPESampler(
             seed=plan.seed, n_startup_trials=plan.space.searcher.get("n_startup_trials", 10)),
@@ -54,13 +59,6 @@ def build_searcher(plan: SweepPlan):
 
 def build_scheduler(plan: SweepPlan):
     """Tune scheduler on the reported, monotonic ``epoch`` (training_iteration restarts)."""
-    from ray.tune.schedulers import (
-        ASHAScheduler,
-        FIFOScheduler,
-        HyperBandScheduler,
-        MedianStoppingRule,
-    )
-
     common = dict(time_attr="epoch", metric=plan.metric, mode=plan.mode)
     reduction = plan.space.scheduler.get("reduction_factor", 2)
     if plan.scheduler == "asha":
