@@ -27,6 +27,7 @@ from ifsearch.search_space import SearchSpace
 SWEEP_TAG = "ifsearch.sweep"
 ROLE_TAG = "ifsearch.role"
 TRIAL_TAG = "ifsearch.trial_id"
+TRIAL_NUMBER_TAG = "ifsearch.trial_number"  # creation order: 1 = the first trial evaluated
 # Tune's own bookkeeping, never a model metric.
 NOT_METRICS = set(AUTO_RESULT_KEYS) | set(DEBUG_METRICS) | {
     "epoch", "done", "checkpoint_path", "should_checkpoint", "iterations_since_restore",
@@ -131,8 +132,11 @@ class MlflowTrialLogger(tune.Callback):
             self._experiment_id = get_or_create_experiment(self._client, self.experiment)
         return self._client
 
-    def run_id(self, trial) -> str:
-        """The trial's run: cached, else found by tag (resumed sweep), else created."""
+    def run_id(self, trial, number: int | None = None) -> str:
+        """The trial's run: cached, else found by tag (resumed sweep), else created.
+
+        ``number`` is the trial's 1-based position in Tune's trial list (creation order).
+        """
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
         client = self.client
@@ -146,11 +150,11 @@ class MlflowTrialLogger(tune.Callback):
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
         else:
-            run_id = self._create_run(trial)
+            run_id = self._create_run(trial, number)
         self._runs[trial.trial_id] = run_id
         return run_id
 
-    def _create_run(self, trial) -> str:
+    def _create_run(self, trial, number: int | None) -> str:
         client = self.client
         searched = {k: v for k, v in trial.config.items() if k in self.space.params}
         run = client.create_run(
@@ -161,6 +165,7 @@ class MlflowTrialLogger(tune.Callback):
                 SWEEP_TAG: self.sweep,
                 ROLE_TAG: "trial",
                 TRIAL_TAG: trial.trial_id,
+                TRIAL_NUMBER_TAG: str(number or ""),
                 "ifsearch.searched": ",".join(sorted(searched)),
             },
         )
@@ -171,7 +176,7 @@ class MlflowTrialLogger(tune.Callback):
         return run.info.run_id
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.run_id(trial)
+        self.run_id(trial, number=trials.index(trial) + 1)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         step = int(result.get("epoch", result.get("training_iteration", 0)))

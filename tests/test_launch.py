@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from ifsearch.config import load_config
 from ifsearch.launch import build_parser
-from ifsearch.tracking import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from ifsearch.tracking import ROLE_TAG, SWEEP_TAG, TRIAL_NUMBER_TAG, TRIAL_TAG
 from ifsearch.tracking_server import start_local_server, stop_local_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +108,8 @@ def test_sweep_logs_to_mlflow_exports_and_warm_starts(tmp_path, mlflow_server):
     assert "KILLED" in statuses.values(), "ASHA stopped no trial early"
 
     # Warm start: the given config is the first trial evaluated.
-    first = min(trials, key=lambda r: r.info.start_time)
+    assert sorted(r.data.tags[TRIAL_NUMBER_TAG] for r in trials) == ["1", "2", "3", "4"]
+    first = [r for r in trials if r.data.tags[TRIAL_NUMBER_TAG] == "1"][0]
     assert float(first.data.params["train.lr"]) == pytest.approx(0.01)
     assert float(first.data.params["train.weight_decay"]) == pytest.approx(7.0e-5)
     assert statuses[first.data.tags[TRIAL_TAG]] == "FINISHED"  # the best trial is never cut
