@@ -38,7 +38,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from ifsearch.errors import IfsearchError
@@ -206,7 +206,10 @@ def _group_alive(pgid: int) -> bool:
 
 
 def _processes() -> list[tuple[int, int, int]]:
-    """(pid, parent pid, process group) of every live process, from Linux ``/proc``."""
+    """(pid, parent pid, process group) of every live process, from Linux ``/proc``.
+
+    Zombies are left out: they have exited, as ``_pid_alive`` also says.
+    """
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -214,7 +217,8 @@ def _processes() -> list[tuple[int, int, int]]:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except (OSError, IndexError):
                 continue
-            found.append((int(entry.name), int(fields[1]), int(fields[2])))
+            if fields[0] != "Z":
+                found.append((int(entry.name), int(fields[1]), int(fields[2])))
     return found
 
 
@@ -232,9 +236,11 @@ def _cmdline(pid: int) -> str:
 def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants (Linux ``/proc``); empty when ``pid`` is gone."""
     children: dict[int, list[int]] = {}
+    live = set()
     for child, parent, _ in _processes():
+        live.add(child)
         children.setdefault(parent, []).append(child)
-    if not Path(f"/proc/{pid}").exists():
+    if pid not in live:
         return []
     tree, todo = [], [pid]
     while todo:
@@ -483,6 +489,7 @@ def stop_local_server(root: Path | str) -> bool:
                 f"Could not stop the MLflow server process group {pid} recorded in "
                 f"{root / _STATE_FILE}; kill it by hand (kill -9 -- -{pid})."
             )
+        _reap(pid)  # when we started it, collect it now rather than leave a zombie
     (root / _STATE_FILE).unlink(missing_ok=True)
     return was_running
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from ray.tune.search.sample import Categorical, Domain, Float, Integer
 
-from ifsearch.config import Config, config_from_dict
+from ifsearch.config import Config
 from ifsearch.errors import ConfigError
 from ifsearch.search_space import KNOWN_METRICS, load_search_space
 
