@@ -239,11 +239,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return merged
 
 
+def config_to_yaml(config: Config) -> str:
+    """The full config (every key, resolved) as YAML, loadable by ``load_config``."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
 def save_config(config: Config, path: str | Path) -> Path:
-    """Write the full config (every key, resolved) as YAML, loadable by ``load_config``."""
+    """Write ``config_to_yaml(config)`` to ``path``, creating its folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    path.write_text(config_to_yaml(config))
     return path
 
 

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from ifsearch.config import Config, load_config, save_config
 from ifsearch.errors import IfsearchError
 from ifsearch.search_space import KNOWN_METRICS
-from ifsearch.tracking import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from ifsearch.tracking import ROLE_TAG, SWEEP_TAG, TRIAL_TAG, tag_filter
 
 
 def write_best_config(config: Config, output: str | Path, details: dict[str, Any]) -> Path:
@@ -45,10 +45,10 @@ def export_from_mlflow(experiment: str, tracking_uri: str, output: str | Path = 
         names = [e.name for e in client.search_experiments()]
         raise IfsearchError(f"no MLflow experiment {experiment!r} at {tracking_uri}; "
                             f"experiments there: {names}")
-    filters = [f"tags.`{ROLE_TAG}` = 'trial'"] + ([f"tags.`{SWEEP_TAG}` = '{sweep}'"] if sweep else [])
+    tags = {ROLE_TAG: "trial", **({SWEEP_TAG: sweep} if sweep else {})}
     runs = client.search_runs(
         [found.experiment_id],
-        filter_string=" and ".join(filters),
+        filter_string=tag_filter(tags),
         order_by=[f"metrics.`{metric}` {'DESC' if mode == 'max' else 'ASC'}"],
         max_results=max(top, 1) * 4,  # runs lacking the metric sort last; keep a margin
     )

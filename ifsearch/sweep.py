@@ -116,10 +116,10 @@ def start_ray(args: argparse.Namespace) -> tuple[int, str]:
     if gpus:
         fit = min(fit, int(local_gpus // (workers * gpus)))
     concurrent = args.max_concurrent or fit
-    logical = int(math.ceil(concurrent * (DRIVER_CPUS + workers * cpus)))
-    ray.init(num_cpus=max(logical, cores), num_gpus=local_gpus,
+    num_cpus = max(int(math.ceil(concurrent * (DRIVER_CPUS + workers * cpus))), cores)
+    ray.init(num_cpus=num_cpus, num_gpus=local_gpus,
              dashboard_host="127.0.0.1", include_dashboard=True)
-    note = (f"local Ray on {cores} cores with {max(logical, cores)} logical CPUs: each of "
+    note = (f"local Ray on {cores} cores with {num_cpus} logical CPUs: each of "
             f"{concurrent} concurrent trials reserves {DRIVER_CPUS:g} CPU for its idle driver + "
             f"{workers}x{cpus:g} for its workers")
     return concurrent, note
@@ -149,25 +149,26 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
     }
     parent_run_id = find_or_create_parent_run(client, args.experiment, plan.name, parent_params,
                                               [Path(args.space)])
-    logger = MlflowTrialLogger(tracking_uri, args.experiment, plan.name, parent_run_id,
-                               plan.space, plan.max_epochs)
     trainable = tune.with_resources(
         tune.with_parameters(train_driver_fn, settings=settings), {"cpu": DRIVER_CPUS}
     )
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table takes chosen columns
-    reporter = tune.CLIReporter(
-        metric_columns=list(PROGRESS_METRICS),
-        parameter_columns=list(plan.space.params)[:6],
-        metric=plan.metric, mode=plan.mode, sort_by_metric=True, max_report_frequency=15,
-    )
-    run_config = tune.RunConfig(name=plan.name, storage_path=plan.storage, callbacks=[logger],
-                                progress_reporter=reporter)
     if args.resume:
         if not tune.Tuner.can_restore(sweep_uri):
             raise IfsearchError(f"--resume: no Tune experiment state in {sweep_uri}")
         print(f"resuming sweep {plan.name} from {sweep_uri}", flush=True)
+        # The run config (MLflow logger, reporter) is restored from the experiment with it.
         tuner = tune.Tuner.restore(sweep_uri, trainable=trainable, resume_errored=True)
     else:
+        logger = MlflowTrialLogger(tracking_uri, args.experiment, plan.name, parent_run_id,
+                                   plan.space, plan.max_epochs)
+        reporter = tune.CLIReporter(
+            metric_columns=list(PROGRESS_METRICS),
+            parameter_columns=list(plan.space.params)[:6],
+            metric=plan.metric, mode=plan.mode, sort_by_metric=True, max_report_frequency=15,
+        )
+        run_config = tune.RunConfig(name=plan.name, storage_path=plan.storage, callbacks=[logger],
+                                    progress_reporter=reporter)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(

@@ -28,11 +28,9 @@ SWEEP_TAG = "ifsearch.sweep"
 ROLE_TAG = "ifsearch.role"
 TRIAL_TAG = "ifsearch.trial_id"
 TRIAL_NUMBER_TAG = "ifsearch.trial_number"  # creation order: 1 = the first trial evaluated
-# Tune's own bookkeeping, never a model metric.
+# Tune's own bookkeeping, never a model metric ("epoch" is the step, not a metric).
 NOT_METRICS = set(AUTO_RESULT_KEYS) | set(DEBUG_METRICS) | {
-    "epoch", "done", "checkpoint_path", "should_checkpoint", "iterations_since_restore",
-    "time_since_restore", "timesteps_since_restore", "timesteps_total", "episodes_total",
-    "training_iteration", "warmup_time",
+    "epoch", "done", "checkpoint_path", "should_checkpoint", "warmup_time",
 }
 MAX_PARAM_LENGTH = 500
 
@@ -67,18 +65,27 @@ def _params(values: dict[str, Any]) -> list[Param]:
     return [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in values.items()]
 
 
+def tag_filter(tags: dict[str, str]) -> str:
+    """An MLflow search filter matching runs that carry all of ``tags``."""
+    return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+
+
+def reopen_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
+    """The run carrying ``tags``, marked RUNNING again, or None: how a resumed sweep continues
+    its parent and trial runs instead of opening new ones."""
+    found = client.search_runs([experiment_id], filter_string=tag_filter(tags), max_results=1)
+    if not found:
+        return None
+    client.update_run(found[0].info.run_id, status="RUNNING")
+    return found[0].info.run_id
+
+
 def find_or_create_parent_run(client: MlflowClient, experiment: str, sweep: str,
                               params: dict[str, Any], artifacts: list[Path]) -> str:
     """The sweep's parent run id: the existing one when resuming, else a new one."""
     experiment_id = get_or_create_experiment(client, experiment)
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ROLE_TAG}` = 'sweep'",
-        max_results=1,
-    )
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
+    run_id = reopen_run(client, experiment_id, {SWEEP_TAG: sweep, ROLE_TAG: "sweep"})
+    if run_id is not None:
         return run_id
     run = client.create_run(
         experiment_id,
@@ -139,17 +146,9 @@ class MlflowTrialLogger(tune.Callback):
         """
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
-        client = self.client
-        found = client.search_runs(
-            [self._experiment_id],
-            filter_string=f"tags.`{SWEEP_TAG}` = '{self.sweep}' and "
-                          f"tags.`{TRIAL_TAG}` = '{trial.trial_id}'",
-            max_results=1,
-        )
-        if found:
-            run_id = found[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
-        else:
+        run_id = reopen_run(self.client, self._experiment_id,
+                            {SWEEP_TAG: self.sweep, TRIAL_TAG: trial.trial_id})
+        if run_id is None:
             run_id = self._create_run(trial, number)
         self._runs[trial.trial_id] = run_id
         return run_id

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -32,6 +31,7 @@ from ifsearch.config import (
     apply_overrides,
     config_from_dict,
     config_to_dict,
+    config_to_yaml,
     load_config,
     save_config,
 )
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config = config_from_dict(apply_overrides({}, overrides), source="--set")
         if args.print_config:
-            print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+            print(config_to_yaml(config), end="")
             return 0
         print(f"training {config.loss.name} on {config.data.name} scenes -> "
               f"{config.train.output_dir}", flush=True)

@@ -49,8 +49,3 @@ def report_epoch(metrics: dict, files: list[Path] | None) -> None:
 def trial_id() -> str:
     """The Tune trial id of the calling trial driver."""
     return ray.tune.get_context().get_trial_id()
-
-
-def trial_name() -> str:
-    """The Tune trial name of the calling trial driver."""
-    return ray.tune.get_context().get_trial_name()
