@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from ifsearch.data.s3dis import S3DIS_CLASSES
 from ifsearch.data.synthetic import MAX_INSTANCES, SHAPE_CLASSES
 from ifsearch.errors import ConfigError
 
@@ -24,24 +25,37 @@ LOSS_NAMES = ("influencer", "hungarian")
 MASK_PROB_MODES = ("sigmoid", "softmax")
 SCHEDULES = ("cosine", "poly", "constant")
 DEVICES = ("auto", "cpu", "cuda")
-DATASETS = ("synthetic",)
+DATASETS = ("synthetic", "s3dis", "coco")
+IMAGE_DATASETS = ("coco",)
 
 
 @dataclass
 class DataConfig:
-    """Which scenes to train and evaluate on."""
+    """Which scenes to train and evaluate on (README "Datasets" has the layouts and commands)."""
 
-    name: str = "synthetic"  # only the embedded synthetic scenes so far
-    num_points: int = 1024  # points per scene (before density jitter); small enough for 2 CPU cores
-    min_instances: int = 2  # K is drawn per scene from [min_instances, max_instances]
+    name: str = "synthetic"  # synthetic (embedded, point clouds) | s3dis (point clouds) | coco (images)
+    root: str = ""  # dataset folder for s3dis / coco; unused by synthetic
+    classes: list[str] = field(default_factory=list)  # [] = every class of the dataset, in its order
+    num_points: int = 1024  # synthetic: points per scene; s3dis: most points in a training crop
+    min_instances: int = 2  # synthetic: K is drawn per scene from [min_instances, max_instances]
     max_instances: int = 5
-    classes: list[str] = field(default_factory=lambda: ["box", "sphere", "cylinder", "plane"])
-    noise: float = 0.005  # xyz noise std in metres
-    density_jitter: float = 0.3  # scene point count varies by +-30%
+    noise: float = 0.005  # synthetic: xyz noise std in metres
+    density_jitter: float = 0.3  # synthetic: scene point count varies by +-30%
+    # synthetic: scenes; s3dis: training crops per epoch (0 = one per room); coco: images (0 = all)
     train_scenes: int = 64
-    val_scenes: int = 16
-    seed: int = 0  # scene generation seed; train and val streams are disjoint for any seed
+    val_scenes: int = 16  # synthetic: scenes; s3dis: test-area rooms (0 = all); coco: images (0 = all)
+    seed: int = 0  # scene generation / crop sampling seed; train and val never share a scene
     batch_size: int = 4
+    # S3DIS
+    test_area: int = 5  # the standard split: evaluate on Area 5, train on the other five
+    voxel_size: float = 0.05  # metres; one point per voxel, for training crops and evaluation
+    block_size: float = 3.0  # metres; training crops are block_size x block_size columns (0 = room)
+    augment: bool = True  # training crops: rotation about z, scaling, jitter
+    cache_dir: str = ""  # HDF5 cache folder; "" = $XDG_CACHE_HOME/ifsearch or ~/.cache/ifsearch
+    # COCO
+    train_split: str = "train2017"  # annotations/instances_<split>.json and images in <split>/
+    val_split: str = "val2017"
+    image_size: int = 128  # longer side resized to this, then padded to a square
 
 
 @dataclass
@@ -57,6 +71,10 @@ class ModelConfig:
     ffn_dim: int = 128
     dropout: float = 0.0
     masked_attention: bool = False  # Mask2Former masked cross-attention from the previous layer
+    # Image pathway (data.name = coco): CNN stage widths, strides 4, 8, 16, ...; the decoder
+    # attends to every level but the finest, which gives the (H/4, W/4) mask embeddings
+    backbone_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    backbone_blocks: int = 1  # residual blocks per backbone stage
 
 
 @dataclass
@@ -297,7 +315,11 @@ def _check(config: Config, source: str) -> list[str]:
             errors.append(f"{source}: {key} = {value!r}: {text}")
 
     d, m, lo, t, e = config.data, config.model, config.loss, config.train, config.eval
+    synthetic = d.name == "synthetic"
     rule(d.name in DATASETS, "data.name", d.name, f"must be one of {list(DATASETS)}")
+    rule(synthetic or d.root.strip() != "", "data.root", d.root,
+         f"must name the {d.name} dataset folder (README \"Datasets\" says where to download "
+         "it and the layout expected)")
     rule(d.num_points >= 64, "data.num_points", d.num_points, "must be >= 64")
     rule(d.min_instances >= 0, "data.min_instances", d.min_instances, "must be >= 0")
     rule(
@@ -306,18 +328,29 @@ def _check(config: Config, source: str) -> list[str]:
         d.max_instances,
         f"must be >= data.min_instances ({d.min_instances})",
     )
-    rule(d.name != "synthetic" or d.max_instances <= MAX_INSTANCES, "data.max_instances",
+    rule(not synthetic or d.max_instances <= MAX_INSTANCES, "data.max_instances",
          d.max_instances, f"must be <= {MAX_INSTANCES}: more objects do not fit a synthetic room")
-    rule(len(d.classes) > 0, "data.classes", d.classes, "must name at least one class")
     rule(len(set(d.classes)) == len(d.classes), "data.classes", d.classes, "has duplicates")
-    unknown = sorted(set(d.classes) - set(SHAPE_CLASSES))
-    rule(d.name != "synthetic" or not unknown, "data.classes", d.classes,
-         f"unknown synthetic classes {unknown}; choose from {list(SHAPE_CLASSES)}")
+    known_classes = {"synthetic": SHAPE_CLASSES, "s3dis": S3DIS_CLASSES}.get(d.name)
+    if known_classes is not None:  # COCO's categories are in its json, checked when loaded
+        unknown = sorted(set(d.classes) - set(known_classes))
+        rule(not unknown, "data.classes", d.classes,
+             f"unknown {d.name} classes {unknown}; choose from {list(known_classes)} "
+             "([] = all)")
     rule(d.noise >= 0, "data.noise", d.noise, "must be >= 0")
     rule(0 <= d.density_jitter < 1, "data.density_jitter", d.density_jitter, "must be in [0, 1)")
-    rule(d.train_scenes >= 1, "data.train_scenes", d.train_scenes, "must be >= 1")
-    rule(d.val_scenes >= 1, "data.val_scenes", d.val_scenes, "must be >= 1")
+    least = 1 if synthetic else 0
+    rule(d.train_scenes >= least, "data.train_scenes", d.train_scenes, f"must be >= {least}")
+    rule(d.val_scenes >= least, "data.val_scenes", d.val_scenes, f"must be >= {least}")
     rule(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    rule(1 <= d.test_area <= 6, "data.test_area", d.test_area, "must be an S3DIS area, 1..6")
+    rule(d.voxel_size >= 0, "data.voxel_size", d.voxel_size, "must be >= 0 (0 = every point)")
+    rule(d.block_size >= 0, "data.block_size", d.block_size, "must be >= 0 (0 = whole room)")
+    rule(d.image_size >= 32, "data.image_size", d.image_size, "must be >= 32")
+    for key in ("train_split", "val_split"):
+        value = getattr(d, key)
+        rule(value.strip() != "" and "/" not in value, f"data.{key}", value,
+             "must be a COCO split name such as train2017 (no slashes)")
 
     rule(m.embed_dim >= 8, "model.embed_dim", m.embed_dim, "must be >= 8")
     rule(
@@ -330,8 +363,13 @@ def _check(config: Config, source: str) -> list[str]:
     rule(m.encoder_layers >= 1, "model.encoder_layers", m.encoder_layers, "must be >= 1")
     rule(m.k_neighbors >= 1, "model.k_neighbors", m.k_neighbors, "must be >= 1")
     rule(m.num_queries >= 1, "model.num_queries", m.num_queries, "must be >= 1")
-    rule(m.num_queries >= d.max_instances, "model.num_queries", m.num_queries,
+    rule(not synthetic or m.num_queries >= d.max_instances, "model.num_queries", m.num_queries,
          f"must be >= data.max_instances ({d.max_instances}): each instance needs a query")
+    rule(len(m.backbone_channels) >= 2, "model.backbone_channels", m.backbone_channels,
+         "needs at least two stages: the finest gives masks, the others are attended to")
+    rule(all(c >= 8 for c in m.backbone_channels), "model.backbone_channels",
+         m.backbone_channels, "every stage width must be >= 8")
+    rule(m.backbone_blocks >= 1, "model.backbone_blocks", m.backbone_blocks, "must be >= 1")
     rule(m.decoder_layers >= 1, "model.decoder_layers", m.decoder_layers, "must be >= 1")
     rule(m.ffn_dim >= 1, "model.ffn_dim", m.ffn_dim, "must be >= 1")
     rule(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")

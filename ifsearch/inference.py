@@ -14,6 +14,7 @@ def predict_instances(
     mask_prob: str = "sigmoid",
     mask_threshold: float = 0.5,
     dedup_iou: float = 0.0,
+    return_probs: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """One prediction per query whose mask is non-empty, as Mask2Former's instance inference.
 
@@ -26,9 +27,12 @@ def predict_instances(
         mask_threshold: point i is in query m's mask when p_im > mask_threshold.
         dedup_iou: when > 0, drop a prediction whose mask IoU with a higher-scoring kept one
             exceeds this (class-agnostic mask NMS): the remedy for duplicate claims.
+        return_probs: also return each kept query's mask probabilities, e.g. to resample image
+            masks to the original resolution before thresholding.
 
     Returns:
-        per scene {"masks": (P, N) bool, "scores": (P,), "labels": (P,), "queries": (P,)}.
+        per scene {"masks": (P, N) bool, "scores": (P,), "labels": (P,), "queries": (P,)}, plus
+        "probs" (P, N) float with ``return_probs``; image pixels are flattened (N = H' * W').
     """
     class_probs = outputs["pred_logits"].float().softmax(-1)[..., :-1]  # (B, M, C)
     results = []
@@ -42,9 +46,11 @@ def predict_instances(
         keep = torch.nonzero(sizes > 0).flatten()  # host sync: fine outside the training step
         if dedup_iou > 0 and keep.numel() > 1:
             keep = keep[_mask_nms(masks[keep], scores[keep], dedup_iou)]
-        results.append(
-            {"masks": masks[keep], "scores": scores[keep], "labels": labels[keep], "queries": keep}
-        )
+        result = {"masks": masks[keep], "scores": scores[keep], "labels": labels[keep],
+                  "queries": keep}
+        if return_probs:
+            result["probs"] = mask_probs[keep]
+        results.append(result)
     return results
 
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ifsearch.config import load_config
+from ifsearch.config import config_from_dict, load_config
 from ifsearch.errors import ConfigError, IfsearchError
 from ifsearch.search_space import SCHEDULERS, SEARCHERS, SearchSpace, load_search_space
 from ifsearch.tracking_server import check_tracking_uri, running_server, start_local_server
@@ -100,6 +100,7 @@ class SweepPlan:
 def plan_sweep(args: argparse.Namespace) -> SweepPlan:
     """Validate the space, CLI and warm-start file; pick the sweep name and storage."""
     space = load_search_space(args.space, args.overrides)
+    _absolute_data_paths(space)
     budget = space.budget
     if args.max_epochs is not None:  # the budget sets every trial's train.epochs
         budget["max_epochs"] = args.max_epochs
@@ -128,6 +129,24 @@ def plan_sweep(args: argparse.Namespace) -> SweepPlan:
         seed=args.seed if args.seed is not None else space.searcher.get("seed", 0),
         metric=space.objective["metric"], mode=space.objective["mode"], warm_start=warm,
     )
+
+
+def _absolute_data_paths(space: SearchSpace) -> None:
+    """Make data.root / data.cache_dir absolute: trials run in their own working directories."""
+    data = space.base.get("data", {})
+    for key in ("root", "cache_dir"):
+        if isinstance(data.get(key), str) and data[key].strip():
+            data[key] = str(Path(data[key]).expanduser().resolve())
+
+
+def prepare_data(space: SearchSpace, source: str) -> None:
+    """Check a real dataset (and build the S3DIS cache) once, before Ray and any trial starts."""
+    data = space.base.get("data", {})
+    if data.get("name", "synthetic") == "synthetic":
+        return  # generated on the fly
+    from ifsearch.data.build import prepare_data as prepare
+
+    prepare(config_from_dict({"data": data}, source=source))
 
 
 def _newest_sweep(storage: str, space_path: Path) -> str:
@@ -161,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         plan = plan_sweep(args)
+        prepare_data(plan.space, str(args.space))
         tracking_uri = resolve_tracking_uri(args.mlflow_uri)
     except IfsearchError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -42,6 +42,14 @@ KNOWN_METRICS = (
     "AP",
     "AP50",
     "AP25",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "mCov",
+    "mWCov",
+    "mPrec",
+    "mRec",
     "val_loss",
     "train_loss",
     "duplicate_rate",
@@ -56,6 +64,13 @@ MODES = ("min", "max")
 SCHEDULERS = ("asha", "hyperband", "median", "fifo")
 SEARCHERS = ("tpe", "random", "cmaes", "nsga2")
 OBJECTIVE_KEYS = ("metric", "mode")
+# Metrics only some datasets report (ifsearch.evaluation): COCO has no AP25, only COCO has
+# AP75/APs/APm/APl, only S3DIS has the coverage metrics.
+DATASET_METRICS = {
+    "AP25": ("synthetic", "s3dis"),
+    **{k: ("coco",) for k in ("AP75", "APs", "APm", "APl")},
+    **{k: ("s3dis",) for k in ("mCov", "mWCov", "mPrec", "mRec")},
+}
 BUDGET_KEYS = ("num_samples", "max_epochs", "grace_period")
 # Options that are passed on to the scheduler/searcher; anything else is a typo.
 SCHEDULER_KEYS = ("name", "reduction_factor")
@@ -315,6 +330,11 @@ class _Validator:
             if key in pinned:
                 del params[key]  # an override pins a searched key
         objective = self.check_objective(self.raw.get("objective"))
+        dataset = (base.get("data") or {}).get("name", "synthetic")
+        if dataset not in DATASET_METRICS.get(objective["metric"], (dataset,)):
+            self.err("objective.metric", f"{objective['metric']!r} is not reported for "
+                     f"data.name = {dataset!r}, only for "
+                     f"{list(DATASET_METRICS[objective['metric']])}")
         budget = self.check_budget(self.raw.get("budget"), base)
         scheduler = self.check_named("scheduler", self.raw.get("scheduler"), DEFAULT_SCHEDULER,
                                      SCHEDULERS, SCHEDULER_KEYS)

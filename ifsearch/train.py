@@ -35,12 +35,12 @@ from ifsearch.config import (
     load_config,
     save_config,
 )
-from ifsearch.data import collate_scenes, synthetic_split
+from ifsearch.data.build import build_datasets, collate_fn, is_image_dataset
 from ifsearch.errors import CheckpointError, IfsearchError
+from ifsearch.evaluation import CocoEvaluator, PointCloudEvaluator
 from ifsearch.inference import predict_instances
 from ifsearch.losses import build_criterion
-from ifsearch.metrics import instance_ap, instance_diagnostics
-from ifsearch.models import InfluencerFormer
+from ifsearch.models import ImageInfluencerFormer, InfluencerFormer
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -64,28 +64,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_datasets(config: Config):
-    """(train, val) datasets. Only the embedded synthetic scenes exist so far."""
-    d = config.data
-    common = dict(
-        num_points=d.num_points,
-        min_instances=d.min_instances,
-        max_instances=d.max_instances,
-        classes=d.classes,
-        noise=d.noise,
-        density_jitter=d.density_jitter,
-        seed=d.seed,
-    )
-    return (
-        synthetic_split("train", d.train_scenes, **common),
-        synthetic_split("val", d.val_scenes, **common),
-    )
-
-
-def build_model(config: Config) -> InfluencerFormer:
-    """The model, initialised from ``train.seed`` (the same seed gives the same weights)."""
+def build_model(config: Config, num_classes: int) -> torch.nn.Module:
+    """The model for the dataset's modality, initialised from ``train.seed``."""
     torch.manual_seed(config.train.seed)
-    return InfluencerFormer(config.model, num_classes=len(config.data.classes))
+    if is_image_dataset(config):
+        return ImageInfluencerFormer(config.model, num_classes=num_classes)
+    return InfluencerFormer(config.model, num_classes=num_classes)
 
 
 def inference_mask_prob(config: Config) -> str:
@@ -93,10 +77,21 @@ def inference_mask_prob(config: Config) -> str:
     return config.loss.mask_prob if config.loss.name == "influencer" else "sigmoid"
 
 
-def _to_device(batch: dict, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
-    points = [p.to(device, non_blocking=True) for p in batch["points"]]
+def _to_device(batch: dict, device: torch.device):
+    """(model input, targets) on ``device``: a list of (N_i, 6) clouds or a (B, 3, S, S) tensor."""
+    if "images" in batch:
+        inputs = batch["images"].to(device, non_blocking=True)
+    else:
+        inputs = [p.to(device, non_blocking=True) for p in batch["points"]]
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
-    return points, targets
+    return inputs, targets
+
+
+def _num_points(inputs) -> int:
+    """Points (or pixels) in a batch, for the throughput metric."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0] * inputs.shape[-2] * inputs.shape[-1]
+    return sum(p.shape[0] for p in inputs)
 
 
 def _lr_lambda(config: Config, steps_per_epoch: int) -> Callable[[int], float]:
@@ -121,43 +116,32 @@ def _lr_lambda(config: Config, steps_per_epoch: int) -> Callable[[int], float]:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoader,
              config: Config, device: torch.device) -> dict[str, float]:
-    """Val loss, ScanNet-style AP/AP50/AP25 and the duplicate/unclaimed/active diagnostics."""
+    """Val loss plus the dataset's metrics (see ``ifsearch.evaluation``)."""
     model.eval()
-    predictions, ground_truth, losses = [], [], []
+    dataset = loader.dataset
+    if is_image_dataset(config):
+        evaluator = CocoEvaluator(dataset, config.eval.mask_threshold,
+                                  config.eval.diagnostic_score_threshold)
+    else:
+        evaluator = PointCloudEvaluator(list(dataset.class_names), config.eval.min_region_size,
+                                        config.eval.diagnostic_score_threshold,
+                                        coverage=config.data.name == "s3dis")
+    losses = []
     for batch in loader:
-        points, targets = _to_device(batch, device)
+        inputs, targets = _to_device(batch, device)
         with _autocast(config, device):
-            outputs = model(points)
+            outputs = model(inputs)
         losses.append(sum(criterion(outputs, targets).values()).float().item())
-        predictions += [
-            {k: v.cpu() for k, v in p.items()}
-            for p in predict_instances(
-                outputs,
-                mask_prob=inference_mask_prob(config),
-                mask_threshold=config.eval.mask_threshold,
-                dedup_iou=config.eval.dedup_iou,
-            )
-        ]
-        ground_truth += [{"masks": t["masks"].cpu(), "labels": t["labels"].cpu()} for t in targets]
-    ap = instance_ap(predictions, ground_truth, min_region_size=config.eval.min_region_size,
-                     class_names=list(config.data.classes))
-    diag = instance_diagnostics(predictions, ground_truth,
-                                score_threshold=config.eval.diagnostic_score_threshold)
+        predictions = predict_instances(
+            outputs,
+            mask_prob=inference_mask_prob(config),
+            mask_threshold=config.eval.mask_threshold,
+            dedup_iou=config.eval.dedup_iou,
+            return_probs=is_image_dataset(config),
+        )
+        evaluator.process(batch, outputs, predictions)
     model.train()
-    return {
-        "val_loss": float(np.mean(losses)),
-        "AP": _finite(ap["AP"]),
-        "AP50": _finite(ap["AP50"]),
-        "AP25": _finite(ap["AP25"]),
-        "duplicate_rate": diag["duplicate_rate"],
-        "unclaimed_rate": diag["unclaimed_rate"],
-        "active_queries": diag["active_queries"],
-    }
-
-
-def _finite(value: float) -> float:
-    """AP is NaN when no class has ground truth; report 0 so schedulers can compare trials."""
-    return 0.0 if value is None or math.isnan(value) else float(value)
+    return {"val_loss": float(np.mean(losses)), **evaluator.evaluate()}
 
 
 def _autocast(config: Config, device: torch.device):
@@ -227,13 +211,15 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
     checkpoint_path = output_dir / CHECKPOINT_NAME
 
     train_set, val_set = build_datasets(config)
+    num_classes = len(train_set.class_names)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
                                  seed=config.train.seed)
+    collate = collate_fn(config)
     train_loader = DataLoader(train_set, batch_size=config.data.batch_size, sampler=sampler,
-                              collate_fn=collate_scenes)
-    val_loader = DataLoader(val_set, batch_size=config.data.batch_size, collate_fn=collate_scenes)
-    model = build_model(config).to(device)
-    criterion = build_criterion(config.loss, num_classes=len(config.data.classes)).to(device)
+                              collate_fn=collate)
+    val_loader = DataLoader(val_set, batch_size=config.data.batch_size, collate_fn=collate)
+    model = build_model(config, num_classes).to(device)
+    criterion = build_criterion(config.loss, num_classes=num_classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr,
                                   weight_decay=config.train.weight_decay)
     steps_per_epoch = len(train_loader)
@@ -253,13 +239,15 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, config.train.epochs + 1):
         sampler.set_epoch(epoch)  # the shuffle depends only on (seed, epoch): resumable
+        if hasattr(train_set, "set_epoch"):  # random crops/augmentation: also (seed, epoch)
+            train_set.set_epoch(epoch)
         started = time.perf_counter()
         sums: dict[str, float] = defaultdict(float)
         num_points = 0
         for step, batch in enumerate(train_loader, start=1):
-            points, targets = _to_device(batch, device)
+            inputs, targets = _to_device(batch, device)
             with _autocast(config, device):
-                outputs = ddp_model(points)
+                outputs = ddp_model(inputs)
             parts = criterion(outputs, targets)
             loss = sum(parts.values())
             optimizer.zero_grad(set_to_none=True)
@@ -273,7 +261,7 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
             for key, value in parts.items():
                 if not key[-1].isdigit():  # last-layer terms; aux copies end in _{i}
                     sums[key] += value.item()
-            num_points += sum(p.shape[0] for p in points)
+            num_points += _num_points(inputs)
             if config.train.log_every and step % config.train.log_every == 0:
                 print(f"  epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f}",
                       flush=True)
@@ -306,9 +294,11 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
 
 
 def _epoch_line(m: dict, epochs: int) -> str:
+    scores = "  ".join(f"{k} {m[k]:.3f}" for k in ("AP", "AP50", "AP75", "AP25", "mCov", "mPrec",
+                                                   "mRec") if k in m)
     return (
         f"epoch {m['epoch']:>3}/{epochs}  loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}"
-        f"  AP {m['AP']:.3f}  AP50 {m['AP50']:.3f}  AP25 {m['AP25']:.3f}"
+        f"  {scores}"
         f"  dup {m['duplicate_rate']:.2f}  unclaimed {m['unclaimed_rate']:.2f}"
         f"  active {m['active_queries']:.1f}  {m['points_per_second']:.0f} pts/s"
         f"  {m['epoch_seconds']:.1f}s"
@@ -344,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(config_to_yaml(config), end="")
             return 0
-        print(f"training {config.loss.name} on {config.data.name} scenes -> "
+        print(f"training {config.loss.name} on {config.data.name} -> "
               f"{config.train.output_dir}", flush=True)
         metrics = train_loop(config)
     except IfsearchError as exc:

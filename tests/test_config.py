@@ -88,6 +88,26 @@ def test_cross_field_rules(tmp_path):
         config_from_dict({"model": {"num_queries": 4}, "data": {"max_instances": 5}})
 
 
+def test_real_dataset_rules():
+    with pytest.raises(ConfigError, match=r"data\.root = '': must name the s3dis dataset folder "
+                                          r"\(README \"Datasets\""):
+        config_from_dict({"data": {"name": "s3dis"}})
+    with pytest.raises(ConfigError, match=r"unknown s3dis classes \['box'\]"):
+        config_from_dict({"data": {"name": "s3dis", "root": "x", "classes": ["chair", "box"]}})
+    with pytest.raises(ConfigError, match=r"data\.test_area = 7: must be an S3DIS area, 1\.\.6"):
+        config_from_dict({"data": {"name": "s3dis", "root": "x", "test_area": 7}})
+    with pytest.raises(ConfigError, match=r"data\.name = 'scannet': must be one of"):
+        config_from_dict({"data": {"name": "scannet"}})
+    with pytest.raises(ConfigError, match=r"model\.backbone_channels = \[32\]: needs at least two"):
+        config_from_dict({"model": {"backbone_channels": [32]}})
+    # Real datasets: 0 scenes = all, COCO classes are checked against its json when loaded, and
+    # more instances than queries is allowed (a room has more objects than a synthetic scene).
+    config = config_from_dict({"data": {"name": "coco", "root": "x", "train_scenes": 0,
+                                        "val_scenes": 0, "classes": ["person"]},
+                               "model": {"num_queries": 4}})
+    assert config.data.classes == ["person"]
+
+
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match=r"--set 'lr=0\.1': expected section\.key=value"):
         apply_overrides({}, ["lr=0.1"])

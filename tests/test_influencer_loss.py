@@ -217,6 +217,31 @@ def test_criterion_resizes_image_targets_to_prediction_size():
     assert sum(a.values()).item() == pytest.approx(sum(b.values()).item(), abs=1e-6)
 
 
+def test_criterion_ignored_pixels_leave_the_background_term():
+    """Crowd regions and image padding ("ignore") are neither instance nor background."""
+    torch.manual_seed(4)
+    pred = torch.randn(1, 3, 4, 4)
+    masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    masks[0, :2, :2] = True
+    ignore = torch.zeros(4, 4, dtype=torch.bool)
+    ignore[:, 3] = True  # e.g. padding on the right
+    criterion = InfluencerCriterion(num_classes=2, mask_prob="softmax", deep_supervision=False)
+    out = criterion(_outputs(pred, num_classes=2, num_queries=3), [{"labels": torch.tensor([1]), "masks": masks,
+                                      "ignore": ignore}])
+    logits = pred[0].flatten(1).T  # (16, 3)
+    background = ~masks[0].flatten() & ~ignore.flatten()
+    direct = criterion.mask_loss.forward_masks(logits, masks.flatten(1), background=background)
+    assert out["loss_background"].item() == pytest.approx(direct["background"].item(), abs=1e-6)
+    plain = criterion(_outputs(pred, num_classes=2, num_queries=3), [{"labels": torch.tensor([1]), "masks": masks}])
+    assert plain["loss_background"].item() != pytest.approx(out["loss_background"].item())
+    assert plain["loss_attractive"].item() == pytest.approx(out["loss_attractive"].item())
+    # An ignore map at the input resolution is resized like the masks.
+    big = criterion(_outputs(pred, num_classes=2, num_queries=3), [{"labels": torch.tensor([1]),
+                                      "masks": masks.repeat_interleave(2, 1).repeat_interleave(2, 2),
+                                      "ignore": ignore.repeat_interleave(2, 0).repeat_interleave(2, 1)}])
+    assert big["loss_background"].item() == pytest.approx(out["loss_background"].item(), abs=1e-6)
+
+
 def test_criterion_aux_layers_add_their_terms():
     masks = [torch.randn(30, 4), torch.randn(20, 4)]
     targets = [{"labels": torch.tensor([0, 1]), "masks": torch.rand(2, 30) > 0.5},

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ifsearch.config import ModelConfig
-from ifsearch.models import InfluencerFormer, knn_indices
+from ifsearch.models import ImageInfluencerFormer, InfluencerFormer, knn_indices, sine_position_2d
 
 
 def scenes(*sizes, seed=0):
@@ -54,3 +54,47 @@ def test_knn_includes_self_and_matches_brute_force():
     assert torch.equal(idx[:, 0], torch.arange(300))
     assert torch.equal(idx.sort(1).values, brute.sort(1).values)
     assert knn_indices(torch.rand(3, 3), k=10).shape == (3, 3)  # k capped at N
+
+
+def test_knn_memory_bound_gives_the_same_neighbours():
+    xyz = torch.rand(500, 3)
+    assert torch.equal(knn_indices(xyz, k=6, max_elements=1000).sort(1).values,
+                       knn_indices(xyz, k=6).sort(1).values)
+
+
+def image_config(**kw):
+    return ModelConfig(embed_dim=32, num_queries=6, decoder_layers=3, num_heads=4, ffn_dim=64,
+                       backbone_channels=[16, 24, 32], **kw)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_image_model_outputs_follow_mask2former_format(masked):
+    torch.manual_seed(0)
+    model = ImageInfluencerFormer(image_config(masked_attention=masked), num_classes=3)
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out["pred_logits"].shape == (2, 6, 4)
+    assert out["pred_masks"].shape == (2, 6, 16, 16)  # stride 4
+    assert len(out["aux_outputs"]) == 3
+    assert all(a["pred_masks"].shape == (2, 6, 16, 16) for a in out["aux_outputs"])
+    assert torch.isfinite(out["pred_masks"]).all()
+
+
+def test_image_model_images_are_independent_and_gradients_reach_backbone():
+    torch.manual_seed(0)
+    model = ImageInfluencerFormer(image_config(masked_attention=True), num_classes=2).eval()
+    images = torch.randn(2, 3, 64, 96)  # non-square works too
+    alone = model(images[:1])
+    both = model(images)
+    assert torch.allclose(alone["pred_masks"][0], both["pred_masks"][0], atol=1e-4)
+    model.train()
+    out = model(images)
+    (out["pred_masks"].sum() + out["pred_logits"].sum()).backward()
+    assert model.backbone.stem[0].weight.grad.abs().sum() > 0
+    assert model.decoder.level_embed.weight.grad.abs().sum() > 0
+
+
+def test_sine_position_encoding_distinguishes_every_pixel():
+    pos = sine_position_2d(5, 7, 32, torch.device("cpu"))
+    assert pos.shape == (35, 32)
+    assert torch.cdist(pos, pos).add(torch.eye(35)).min() > 1e-3
+    assert sine_position_2d(3, 3, 30, torch.device("cpu")).shape == (9, 30)

@@ -257,9 +257,19 @@ def test_grace_period_exceeds_max_epochs(tmp_path):
 
 
 def test_objective_rules(tmp_path):
-    data = {**VALID, "objective": {"metric": "AP75", "mode": "maximize"}}
-    check_error(tmp_path, data, r"objective\.metric: 'AP75' is not a reported metric",
+    data = {**VALID, "objective": {"metric": "AP_50", "mode": "maximize"}}
+    check_error(tmp_path, data, r"objective\.metric: 'AP_50' is not a reported metric",
                 r"objective\.mode: 'maximize' must be one of \['min', 'max'\]")
+    # Metrics only some datasets report: COCO has AP75 but no AP25; S3DIS adds coverage.
+    data = {**VALID, "objective": {"metric": "AP75", "mode": "max"}}
+    check_error(tmp_path, data, r"objective\.metric: 'AP75' is not reported for data\.name = "
+                r"'synthetic', only for \['coco'\]")
+    coco = {**VALID, "base": {"data": {"name": "coco", "root": "somewhere"}},
+            "objective": {"metric": "AP25", "mode": "max"}}
+    check_error(tmp_path, coco, r"'AP25' is not reported for data\.name = 'coco'")
+    s3dis = {**VALID, "base": {"data": {"name": "s3dis", "root": "somewhere"}},
+             "objective": {"metric": "mCov", "mode": "max"}}
+    assert load_search_space(write(tmp_path, s3dis)).objective["metric"] == "mCov"
 
 
 def test_key_in_base_and_space(tmp_path):

@@ -34,8 +34,10 @@ def initial_metrics(config):
     """Val metrics of the untrained model the run starts from (same seed, same weights)."""
     _, val_set = build_datasets(config)
     loader = DataLoader(val_set, batch_size=config.data.batch_size, collate_fn=collate_scenes)
-    criterion = build_criterion(config.loss, num_classes=len(config.data.classes))
-    return evaluate(build_model(config), criterion, loader, config, torch.device("cpu"))
+    num_classes = len(val_set.class_names)
+    criterion = build_criterion(config.loss, num_classes=num_classes)
+    return evaluate(build_model(config, num_classes), criterion, loader, config,
+                    torch.device("cpu"))
 
 
 def read_metrics(config):
@@ -101,7 +103,7 @@ def test_checkpoint_from_other_model_is_refused(tmp_path):
 
 def test_same_seed_same_model_and_data(tmp_path):
     a, b = tiny_config(tmp_path), tiny_config(tmp_path)
-    for pa, pb in zip(build_model(a).parameters(), build_model(b).parameters()):
+    for pa, pb in zip(build_model(a, 4).parameters(), build_model(b, 4).parameters()):
         assert torch.equal(pa, pb)
     assert torch.equal(build_datasets(a)[0][3]["points"], build_datasets(b)[0][3]["points"])
 

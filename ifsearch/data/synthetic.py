@@ -334,6 +334,11 @@ class SyntheticScenes(Dataset):
         self.split = split
 
     @property
+    def class_names(self) -> tuple[str, ...]:
+        """The classes in class-index order (the name every dataset uses)."""
+        return self.classes
+
+    @property
     def num_classes(self) -> int:
         """Number of semantic classes C (background is not a class)."""
         return len(self.classes)

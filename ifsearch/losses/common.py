@@ -45,3 +45,24 @@ def per_scene_target_masks(
             out.append(m.flatten(1).bool())  # (K, H'*W')
         return out
     return [t["masks"].bool() for t in targets]
+
+
+def per_scene_ignore(
+    targets: list[dict], pred_masks: torch.Tensor | list[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    """Per scene, the (N_i,) bool points to leave out of the background term, or None.
+
+    A target may carry ``"ignore"`` ((N_i,) or (H, W) bool): points that are neither instance nor
+    background, such as image padding or COCO crowd regions. Image maps are resized (nearest) and
+    flattened like the target masks.
+    """
+    out: list[torch.Tensor | None] = []
+    for t in targets:
+        ignore = t.get("ignore")
+        if ignore is not None and ignore.dim() == 2:
+            size = pred_masks.shape[-2:]
+            if ignore.shape != size:
+                ignore = F.interpolate(ignore[None, None].float(), size=size, mode="nearest")[0, 0]
+            ignore = ignore.flatten() > 0.5
+        out.append(ignore)
+    return out

@@ -12,7 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ifsearch.losses.common import per_scene_mask_logits, per_scene_target_masks
+from ifsearch.losses.common import (
+    per_scene_ignore,
+    per_scene_mask_logits,
+    per_scene_target_masks,
+)
 from ifsearch.losses.influencer import MaskInfluencerLoss
 
 
@@ -72,7 +76,8 @@ class InfluencerCriterion(nn.Module):
         Args:
             outputs: {"pred_logits": (B, M, C+1), "pred_masks": list of (N_i, M) or (B, M, H, W),
                 "aux_outputs": [same keys per intermediate layer]}.
-            targets: per scene {"labels": (K_i,) long, "masks": (K_i, N_i) or (K_i, H, W) bool}.
+            targets: per scene {"labels": (K_i,) long, "masks": (K_i, N_i) or (K_i, H, W) bool,
+                optional "ignore": (N_i,) or (H, W) bool points left out of the background term}.
         """
         losses = self._layer_losses(outputs, targets)
         if self.deep_supervision:
@@ -94,8 +99,10 @@ class InfluencerCriterion(nn.Module):
 
         parts = {"attractive": [], "repulsive": [], "background": []}
         class_targets = []
-        for logits, masks, target in zip(mask_logits, target_masks, targets):
-            out = self.mask_loss.forward_masks(logits, masks)
+        ignored = per_scene_ignore(targets, outputs["pred_masks"])
+        for logits, masks, ignore, target in zip(mask_logits, target_masks, ignored, targets):
+            background = None if ignore is None else ~masks.any(dim=0) & ~ignore
+            out = self.mask_loss.forward_masks(logits, masks, background=background)
             for key in parts:
                 parts[key].append(out[key])
             class_targets.append(self._class_targets(out["log_geomean"].detach(), target["labels"]))

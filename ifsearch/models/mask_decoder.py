@@ -1,7 +1,8 @@
-"""Mask2Former-style transformer mask decoder over a batch of variable-size point sets.
+"""Mask2Former-style transformer mask decoder over variable-size point sets or image features.
 
-Each layer: queries cross-attend to the point embeddings (optionally masked by the previous
-layer's masks, Mask2Former's masked attention), then self-attend, then an FFN. Prediction heads
+Each layer: queries cross-attend to the point embeddings or to one image feature level (optionally
+masked by the previous layer's masks, Mask2Former's masked attention), then self-attend, then an
+FFN. Prediction heads
 run on the initial queries and after every layer; the last prediction is the output and the
 earlier ones are ``aux_outputs`` for deep supervision.
 """
@@ -9,6 +10,7 @@ earlier ones are ``aux_outputs`` for deep supervision.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -55,10 +57,15 @@ class DecoderLayer(nn.Module):
 
 
 class MaskDecoder(nn.Module):
-    """M learned queries -> class logits (B, M, C+1) and per-scene mask logits (N_i, M).
+    """M learned queries -> class logits (B, M, C+1) and mask logits per scene or per image.
+
+    The decoder is the same for both modalities; only what the queries cross-attend to and where
+    masks are read out differ: point clouds give one memory (the point embeddings, also used for
+    masks), images give several feature levels visited round-robin, coarsest first, with masks
+    read out on a finer pixel-embedding map (Mask2Former).
 
     Args:
-        dim: embedding width D of queries and point embeddings.
+        dim: embedding width D of queries and point/pixel embeddings.
         num_classes: C real classes (the head has C+1 outputs, the last is "no object").
         num_queries: M.
         num_layers: L decoder layers.
@@ -67,17 +74,19 @@ class MaskDecoder(nn.Module):
         dropout: attention/FFN dropout.
         masked_attention: restrict each query's cross-attention to the points its previous-layer
             mask claims (sigmoid > 0.5); a query claiming nothing attends everywhere.
+        num_feature_levels: image feature levels the queries visit (0 for point clouds).
     """
 
     def __init__(self, dim: int, num_classes: int, num_queries: int, num_layers: int,
                  num_heads: int, ffn_dim: int, dropout: float = 0.0,
-                 masked_attention: bool = False) -> None:
+                 masked_attention: bool = False, num_feature_levels: int = 0) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.masked_attention = masked_attention
         self.query_feat = nn.Embedding(num_queries, dim)
         self.query_pos = nn.Embedding(num_queries, dim)
         self.point_pos = nn.Sequential(nn.Linear(3, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.level_embed = nn.Embedding(num_feature_levels, dim) if num_feature_levels else None
         self.layers = nn.ModuleList(
             DecoderLayer(dim, num_heads, ffn_dim, dropout) for _ in range(num_layers)
         )
@@ -88,11 +97,10 @@ class MaskDecoder(nn.Module):
         )
 
     def forward(self, embeddings: list[torch.Tensor], xyz: list[torch.Tensor]) -> dict:
-        """embeddings: per scene (N_i, D); xyz: per scene (N_i, 3).
+        """Point clouds. embeddings: per scene (N_i, D); xyz: per scene (N_i, 3).
 
         Returns {"pred_logits": (B, M, C+1), "pred_masks": [(N_i, M)], "aux_outputs": [...]}.
         """
-        batch = len(embeddings)
         lengths = [e.shape[0] for e in embeddings]
         memory = nn.utils.rnn.pad_sequence(embeddings, batch_first=True)  # (B, Nmax, D)
         positions = nn.utils.rnn.pad_sequence(xyz, batch_first=True)  # (B, Nmax, 3)
@@ -100,14 +108,51 @@ class MaskDecoder(nn.Module):
         arange = torch.arange(memory.shape[1], device=memory.device)
         padding = arange[None, :] >= torch.tensor(lengths, device=memory.device)[:, None]
 
+        def read_masks(mask_embed: torch.Tensor, level: int):
+            padded = torch.einsum("bnd,bmd->bnm", memory, mask_embed)  # (B, Nmax, M)
+            return [padded[b, :n] for b, n in enumerate(lengths)], padded  # B x (N_i, M)
+
+        return self._decode([(memory, memory_pos, padding)], read_masks)
+
+    def forward_images(self, levels: list[torch.Tensor], level_pos: list[torch.Tensor],
+                       mask_features: torch.Tensor) -> dict:
+        """Images. levels: feature maps (B, D, h_l, w_l), coarsest first; level_pos: their
+        positional encodings (h_l * w_l, D); mask_features: pixel embeddings (B, D, H', W').
+
+        Returns {"pred_logits": (B, M, C+1), "pred_masks": (B, M, H', W'), "aux_outputs": [...]}.
+        """
+        memories = [
+            (f.flatten(2).transpose(1, 2),  # (B, h*w, D)
+             (pos + self.level_embed.weight[i]).unsqueeze(0).expand(f.shape[0], -1, -1),
+             None)
+            for i, (f, pos) in enumerate(zip(levels, level_pos, strict=True))
+        ]
+        sizes = [f.shape[-2:] for f in levels]
+
+        def read_masks(mask_embed: torch.Tensor, level: int):
+            masks = torch.einsum("bmd,bdhw->bmhw", mask_embed, mask_features)  # (B, M, H', W')
+            # Masked attention needs the masks at the resolution of the level attended next.
+            coarse = F.interpolate(masks, size=sizes[level], mode="bilinear", align_corners=False)
+            return masks, coarse.flatten(2).transpose(1, 2)  # (B, h*w, M)
+
+        return self._decode(memories, read_masks)
+
+    def _decode(self, memories: list[tuple], read_masks) -> dict:
+        """Run the layers; layer i attends to ``memories[i % len(memories)]``.
+
+        memories: (memory (B, L, D), memory_pos (B, L, D), padding (B, L) bool or None) per level.
+        read_masks(mask_embed (B, M, D), level) -> (output masks, attention logits (B, L_level, M)).
+        """
+        batch = memories[0][0].shape[0]
         queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)  # (B, M, D)
         query_pos = self.query_pos.weight.unsqueeze(0).expand(batch, -1, -1)
 
-        predictions = [self._predict(queries, memory, lengths)]
-        for layer in self.layers:
+        predictions = [self._predict(queries, read_masks, level=0)]
+        for i, layer in enumerate(self.layers):
+            memory, memory_pos, padding = memories[i % len(memories)]
             attn_mask = self._attention_mask(predictions[-1][2], padding)
             queries = layer(queries, query_pos, memory, memory_pos, padding, attn_mask)
-            predictions.append(self._predict(queries, memory, lengths))
+            predictions.append(self._predict(queries, read_masks, level=(i + 1) % len(memories)))
 
         def as_output(pred: tuple) -> dict:
             return {"pred_logits": pred[0], "pred_masks": pred[1]}
@@ -116,20 +161,26 @@ class MaskDecoder(nn.Module):
         out["aux_outputs"] = [as_output(p) for p in predictions[:-1]]
         return out
 
-    def _predict(self, queries: torch.Tensor, memory: torch.Tensor, lengths: list[int]):
-        """Heads on the current queries: class logits, per-scene masks, padded mask logits."""
+    def _predict(self, queries: torch.Tensor, read_masks, level: int):
+        """Heads on the current queries: class logits, output masks, attention mask logits."""
         normed = self.out_norm(queries)
         class_logits = self.class_head(normed)  # (B, M, C+1)
         mask_embed = self.mask_head(normed)  # (B, M, D)
-        padded = torch.einsum("bnd,bmd->bnm", memory, mask_embed)  # (B, Nmax, M)
-        masks = [padded[b, :n] for b, n in enumerate(lengths)]  # B x (N_i, M)
-        return class_logits, masks, padded
+        masks, attention_logits = read_masks(mask_embed, level)
+        return class_logits, masks, attention_logits
 
-    def _attention_mask(self, mask_logits: torch.Tensor, padding: torch.Tensor):
-        """(B*heads, M, Nmax) bool, True = blocked, or None when masked attention is off."""
+    def _attention_mask(self, mask_logits: torch.Tensor, padding: torch.Tensor | None):
+        """(B*heads, M, L) bool, True = blocked, or None when masked attention is off.
+
+        mask_logits: (B, L, M); padding: (B, L) True = padded position, or None (images).
+        """
         if not self.masked_attention:
             return None
-        blocked = (mask_logits.detach() < 0).transpose(1, 2) | padding[:, None, :]  # (B, M, Nmax)
+        blocked = (mask_logits.detach() < 0).transpose(1, 2)  # (B, M, L)
+        if padding is not None:
+            blocked = blocked | padding[:, None, :]
         # A query that claims no point would attend to nothing (NaN): let it see every real point.
-        blocked = blocked & ~blocked.all(dim=-1, keepdim=True) | padding[:, None, :]
+        blocked = blocked & ~blocked.all(dim=-1, keepdim=True)
+        if padding is not None:
+            blocked = blocked | padding[:, None, :]
         return blocked.repeat_interleave(self.num_heads, dim=0)

@@ -6,13 +6,16 @@ import torch
 from torch import nn
 
 
-def knn_indices(xyz: torch.Tensor, k: int, chunk_size: int = 4096) -> torch.Tensor:
+def knn_indices(xyz: torch.Tensor, k: int, chunk_size: int = 4096,
+                max_elements: int = 1 << 24) -> torch.Tensor:
     """Indices (N, k) of each point's k nearest neighbours (itself included), by xyz distance.
 
-    Rows are processed in chunks so memory is O(chunk_size * N), not O(N^2), for large scenes.
+    Rows are processed in chunks so memory is O(chunk_size * N), not O(N^2): at most
+    ``max_elements`` distances (64 MB in fp32) at a time, so whole S3DIS rooms fit too.
     """
     num_points = xyz.shape[0]
     k = min(k, num_points)
+    chunk_size = max(1, min(chunk_size, max_elements // max(num_points, 1)))
     chunks = []
     for start in range(0, num_points, chunk_size):
         dist = torch.cdist(xyz[start : start + chunk_size], xyz)  # (chunk, N)
