@@ -33,9 +33,11 @@ IMAGE_DATASETS = ("coco",)
 class DataConfig:
     """Which scenes to train and evaluate on (README "Datasets" has the layouts and commands)."""
 
-    name: str = "synthetic"  # synthetic (embedded, point clouds) | s3dis (point clouds) | coco (images)
+    # synthetic (embedded, point clouds) | s3dis (point clouds) | coco (images)
+    name: str = "synthetic"
     root: str = ""  # dataset folder for s3dis / coco; unused by synthetic
-    classes: list[str] = field(default_factory=list)  # [] = every class of the dataset, in its order
+    # [] = every class of the dataset, in its order; else a subset (others become background)
+    classes: list[str] = field(default_factory=list)
     num_points: int = 1024  # synthetic: points per scene; s3dis: most points in a training crop
     min_instances: int = 2  # synthetic: K is drawn per scene from [min_instances, max_instances]
     max_instances: int = 5
@@ -43,7 +45,8 @@ class DataConfig:
     density_jitter: float = 0.3  # synthetic: scene point count varies by +-30%
     # synthetic: scenes; s3dis: training crops per epoch (0 = one per room); coco: images (0 = all)
     train_scenes: int = 64
-    val_scenes: int = 16  # synthetic: scenes; s3dis: test-area rooms (0 = all); coco: images (0 = all)
+    # synthetic: scenes; s3dis: test-area rooms (0 = all); coco: images (0 = all)
+    val_scenes: int = 16
     seed: int = 0  # scene generation / crop sampling seed; train and val never share a scene
     batch_size: int = 4
     # S3DIS

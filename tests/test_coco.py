@@ -36,9 +36,6 @@ from ifsearch.data.make_synthetic_coco import make_synthetic_coco
 from ifsearch.errors import DataError
 from ifsearch.metrics.coco_eval import coco_mask_ap, encode_results
 
-# pycocotools' mask.decode trips a numpy 2 deprecation inside pycocotools itself; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
 CATEGORIES = [
     {"id": 2, "name": "cat", "supercategory": "animal"},
     {"id": 5, "name": "dog", "supercategory": "animal"},

@@ -226,19 +226,20 @@ def test_criterion_ignored_pixels_leave_the_background_term():
     ignore = torch.zeros(4, 4, dtype=torch.bool)
     ignore[:, 3] = True  # e.g. padding on the right
     criterion = InfluencerCriterion(num_classes=2, mask_prob="softmax", deep_supervision=False)
-    out = criterion(_outputs(pred, num_classes=2, num_queries=3), [{"labels": torch.tensor([1]), "masks": masks,
-                                      "ignore": ignore}])
+    outputs = _outputs(pred, num_classes=2, num_queries=3)
+    out = criterion(outputs, [{"labels": torch.tensor([1]), "masks": masks, "ignore": ignore}])
     logits = pred[0].flatten(1).T  # (16, 3)
     background = ~masks[0].flatten() & ~ignore.flatten()
     direct = criterion.mask_loss.forward_masks(logits, masks.flatten(1), background=background)
     assert out["loss_background"].item() == pytest.approx(direct["background"].item(), abs=1e-6)
-    plain = criterion(_outputs(pred, num_classes=2, num_queries=3), [{"labels": torch.tensor([1]), "masks": masks}])
+    plain = criterion(outputs, [{"labels": torch.tensor([1]), "masks": masks}])
     assert plain["loss_background"].item() != pytest.approx(out["loss_background"].item())
     assert plain["loss_attractive"].item() == pytest.approx(out["loss_attractive"].item())
     # An ignore map at the input resolution is resized like the masks.
-    big = criterion(_outputs(pred, num_classes=2, num_queries=3), [{"labels": torch.tensor([1]),
-                                      "masks": masks.repeat_interleave(2, 1).repeat_interleave(2, 2),
-                                      "ignore": ignore.repeat_interleave(2, 0).repeat_interleave(2, 1)}])
+    big_masks = masks.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    big_ignore = ignore.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    big = criterion(_outputs(pred, num_classes=2, num_queries=3),
+                    [{"labels": torch.tensor([1]), "masks": big_masks, "ignore": big_ignore}])
     assert big["loss_background"].item() == pytest.approx(out["loss_background"].item(), abs=1e-6)
 
 

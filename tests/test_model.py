@@ -98,3 +98,21 @@ def test_sine_position_encoding_distinguishes_every_pixel():
     assert pos.shape == (35, 32)
     assert torch.cdist(pos, pos).add(torch.eye(35)).min() > 1e-3
     assert sine_position_2d(3, 3, 30, torch.device("cpu")).shape == (9, 30)
+
+
+@pytest.mark.parametrize("images", [False, True])
+def test_every_parameter_gets_a_gradient(images):
+    """DDP (Ray Train workers) fails on parameters that take no part in the loss."""
+    torch.manual_seed(0)
+    if images:
+        model = ImageInfluencerFormer(image_config(masked_attention=True), num_classes=2)
+        out = model(torch.randn(2, 3, 32, 32))
+        masks = out["pred_masks"].sum()
+    else:
+        model = InfluencerFormer(ModelConfig(embed_dim=16, num_heads=2, masked_attention=True),
+                                 num_classes=2)
+        out = model(scenes(30, 20))
+        masks = sum(m.sum() for m in out["pred_masks"])
+    (masks + out["pred_logits"].sum()).backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused

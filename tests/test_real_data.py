@@ -32,7 +32,8 @@ def last_metrics(tmp_path):
 @pytest.mark.parametrize("loss", ["influencer", "hungarian"])
 def test_one_epoch_on_tiny_s3dis(tmp_path, loss):
     make_tree(tmp_path / "s3dis")
-    run = train_cli(tmp_path, "--set", "data.name=s3dis", "--set", f"data.root={tmp_path / 's3dis'}",
+    root = tmp_path / "s3dis"
+    run = train_cli(tmp_path, "--set", "data.name=s3dis", "--set", f"data.root={root}",
                     "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.voxel_size=0.1",
                     "--set", "data.block_size=2.0", "--set", "data.num_points=256",
                     "--set", "data.batch_size=2", "--set", "data.train_scenes=0",

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 from torch.utils.data import Dataset
 
-from ifsearch.data.coco import CocoInstances, annotation_path, collate_images
 from ifsearch.data.coco import DOWNLOAD_HINT as COCO_HINT
+from ifsearch.data.coco import CocoInstances, annotation_path, collate_images
 from ifsearch.data.collate import collate_scenes
 from ifsearch.data.s3dis import DOWNLOAD_HINT as S3DIS_HINT
 from ifsearch.data.s3dis import S3DISRooms, build_cache, cached_areas, s3dis_cache_path

@@ -21,8 +21,6 @@ the category name / COCO id, so predictions can be written back in COCO's ids fo
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import operator
 from collections.abc import Sequence
@@ -36,6 +34,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from ifsearch.errors import DataError
+from ifsearch.metrics.coco_eval import quiet_pycocotools
 
 DOWNLOAD_HINT: str = (
     "download COCO from https://cocodataset.org/#download (train2017.zip, val2017.zip and "
@@ -59,8 +58,8 @@ def annotation_path(root: str | Path, split: str) -> Path:
 
 
 def _quiet(fn, *args, **kwargs):
-    """Call ``fn`` with its stdout swallowed: pycocotools prints progress on every call."""
-    with contextlib.redirect_stdout(io.StringIO()):
+    """Call ``fn`` with pycocotools' progress prints swallowed."""
+    with quiet_pycocotools():
         return fn(*args, **kwargs)
 
 

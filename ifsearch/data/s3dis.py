@@ -59,6 +59,7 @@ __all__ = [
     "S3DIS_CLASSES",
     "S3DISRooms",
     "build_cache",
+    "cached_areas",
     "read_points",
     "read_room",
     "s3dis_cache_path",

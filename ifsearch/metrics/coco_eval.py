@@ -15,6 +15,8 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import pycocotools.coco
+import pycocotools.cocoeval
 import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -87,6 +89,24 @@ def encode_results(
     return results
 
 
+@contextlib.contextmanager
+def quiet_pycocotools():
+    """Silence pycocotools' progress prints ("creating index...", COCOeval's summary table).
+
+    Redirecting stdout is not enough: Ray Train workers replace ``print`` itself, so the modules'
+    ``print`` is shadowed too for the duration.
+    """
+    modules = (pycocotools.coco, pycocotools.cocoeval)
+    for module in modules:
+        module.print = lambda *args, **kwargs: None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for module in modules:
+            del module.print
+
+
 def _empty_results(coco_gt: COCO) -> COCO:
     """A result set with no detections, which ``loadRes`` cannot build (it reads ``anns[0]``)."""
     res = COCO()
@@ -95,7 +115,7 @@ def _empty_results(coco_gt: COCO) -> COCO:
         "categories": copy.deepcopy(coco_gt.dataset["categories"]),
         "annotations": [],
     }
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet_pycocotools():
         res.createIndex()
     return res
 
@@ -153,7 +173,7 @@ def coco_mask_ap(
         # loadRes writes area/bbox/id/iscrowd into the dicts it gets: give it copies, or a second
         # evaluation of the same list would see a 'bbox' and score boxes instead of masks.
         results = [{**r, "segmentation": dict(r["segmentation"])} for r in results]
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet_pycocotools():
         coco_dt = coco_gt.loadRes(results) if results else _empty_results(coco_gt)
         evaluator = COCOeval(coco_gt, coco_dt, iouType="segm")
         if image_ids is not None:

@@ -86,7 +86,8 @@ class PixelDecoder(nn.Module):
         self.mask_features = nn.Conv2d(dim, dim, 1)
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """features: finest first -> (mask_features (B, D, H/4, W/4), coarse levels coarsest first)."""
+        """features, finest first -> (mask features (B, D, H/4, W/4), coarser levels, coarsest
+        first)."""
         x = None
         fused = []
         for i in reversed(range(len(features))):

@@ -85,8 +85,13 @@ class MaskDecoder(nn.Module):
         self.masked_attention = masked_attention
         self.query_feat = nn.Embedding(num_queries, dim)
         self.query_pos = nn.Embedding(num_queries, dim)
-        self.point_pos = nn.Sequential(nn.Linear(3, dim), nn.GELU(), nn.Linear(dim, dim))
-        self.level_embed = nn.Embedding(num_feature_levels, dim) if num_feature_levels else None
+        # Positional information: an MLP of xyz for points, a learned embedding per image level
+        # (added to fixed 2-D sine encodings). Only the one in use exists, so DDP finds no
+        # parameter without a gradient.
+        if num_feature_levels:
+            self.level_embed = nn.Embedding(num_feature_levels, dim)
+        else:
+            self.point_pos = nn.Sequential(nn.Linear(3, dim), nn.GELU(), nn.Linear(dim, dim))
         self.layers = nn.ModuleList(
             DecoderLayer(dim, num_heads, ffn_dim, dropout) for _ in range(num_layers)
         )
