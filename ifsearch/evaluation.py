@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -29,12 +31,33 @@ def _diagnostics(predictions: list[dict], ground_truth: list[dict], threshold: f
     return {k: diag[k] for k in ("duplicate_rate", "unclaimed_rate", "active_queries")}
 
 
+class _Lazy(Sequence):
+    """A sequence whose items are built when read, so at most one full room is in memory.
+
+    The metrics iterate scene by scene; whole S3DIS rooms (up to ~1M points x ~100 masks) would
+    need gigabytes if every room's full-resolution masks were kept for the whole split.
+    """
+
+    def __init__(self, items: list, build: Callable[[Any], dict]) -> None:
+        self.items, self.build = items, build
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.build(self.items[index])
+
+
 class PointCloudEvaluator:
     """ScanNet AP + diagnostics (+ S3DIS coverage) over point-cloud scenes.
 
+    Scenes evaluated at full resolution (``batch["eval_targets"]``: the model saw voxels) keep
+    their predictions per voxel, the voxel of every original point and the ground truth as one
+    instance id per point; full masks are rebuilt one room at a time while the metrics run.
+
     Args:
         class_names: the dataset's classes, in class-index order.
-        min_region_size: ScanNet's minimum instance size, for AP and coverage.
+        min_region_size: ScanNet's minimum instance size for AP.
         score_threshold: predictions counted by the diagnostics and the coverage metrics.
         coverage: also compute the S3DIS coverage metrics.
     """
@@ -45,34 +68,51 @@ class PointCloudEvaluator:
         self.min_region_size = min_region_size
         self.score_threshold = score_threshold
         self.coverage = coverage
-        self.predictions: list[dict] = []
-        self.ground_truth: list[dict] = []
+        self.scenes: list[tuple[dict, dict]] = []  # (prediction, ground truth), compact
 
     def process(self, batch: dict, outputs: dict, predictions: list[dict]) -> None:
-        """Keep one batch's predictions and ground truth (on CPU, at full resolution)."""
+        """Keep one batch's predictions and ground truth (on CPU)."""
         full = batch.get("eval_targets")
         for i, pred in enumerate(predictions):
-            pred = {k: v.cpu() for k, v in pred.items() if k != "probs"}
+            pred = {k: pred[k].cpu() for k in ("masks", "scores", "labels")}
             if full is None:
-                gt = batch["targets"][i]
-            else:  # the model saw voxels: give each original point its voxel's prediction
-                gt = full[i]
-                pred["masks"] = pred["masks"][:, gt["index"]]
-            self.predictions.append(pred)
-            self.ground_truth.append({"masks": gt["masks"].cpu(), "labels": gt["labels"].cpu()})
+                gt = {k: batch["targets"][i][k].cpu() for k in ("masks", "labels")}
+            else:  # instances of a room partition its points: one id per point is exact
+                masks = full[i]["masks"].cpu()
+                ids = torch.full((masks.shape[1],), -1, dtype=torch.int32)
+                rows, cols = masks.nonzero(as_tuple=True)
+                ids[cols] = rows.int()
+                gt = {"ids": ids, "labels": full[i]["labels"].cpu(), "num": len(masks)}
+                pred["index"] = full[i]["index"].cpu()
+            self.scenes.append((pred, gt))
+
+    def _sequences(self, min_score: float | None = None) -> tuple[_Lazy, _Lazy]:
+        def prediction(pred: dict) -> dict:
+            keep = slice(None) if min_score is None else pred["scores"] >= min_score
+            masks = pred["masks"][keep]
+            if "index" in pred:  # each original point takes its voxel's prediction
+                masks = masks[:, pred["index"]]
+            return {"masks": masks, "scores": pred["scores"][keep], "labels": pred["labels"][keep]}
+
+        def ground_truth(gt: dict) -> dict:
+            if "ids" not in gt:
+                return gt
+            masks = gt["ids"][None, :] == torch.arange(gt["num"], dtype=torch.int32)[:, None]
+            return {"masks": masks, "labels": gt["labels"]}
+
+        return (_Lazy([p for p, _ in self.scenes], prediction),
+                _Lazy([g for _, g in self.scenes], ground_truth))
 
     def evaluate(self) -> dict[str, float]:
-        ap = instance_ap(self.predictions, self.ground_truth,
-                         min_region_size=self.min_region_size, class_names=self.class_names)
+        predictions, ground_truth = self._sequences()
+        ap = instance_ap(predictions, ground_truth, min_region_size=self.min_region_size,
+                         class_names=self.class_names)
         metrics = {"AP": finite(ap["AP"]), "AP50": finite(ap["AP50"]), "AP25": finite(ap["AP25"])}
-        metrics.update(_diagnostics(self.predictions, self.ground_truth, self.score_threshold))
+        metrics.update(_diagnostics(predictions, ground_truth, self.score_threshold))
         if self.coverage:
-            confident = [
-                {k: v[p["scores"] >= self.score_threshold] for k, v in p.items()}
-                for p in self.predictions
-            ]
             # No size filter: the published coverage metrics (SGPN/ASIS) count every instance.
-            cov = s3dis_coverage(confident, self.ground_truth, num_classes=len(self.class_names))
+            confident, ground_truth = self._sequences(min_score=self.score_threshold)
+            cov = s3dis_coverage(confident, ground_truth, num_classes=len(self.class_names))
             metrics.update({k: finite(cov[k]) for k in ("mCov", "mWCov", "mPrec", "mRec")})
         return metrics
 

@@ -498,3 +498,15 @@ def test_synthetic_coco_is_deterministic_and_cli_runs(tmp_path: Path, capsys) ->
         == 2
     )
     assert "min_objects (5) must be <= max_objects (2)" in capsys.readouterr().err
+
+
+def test_pycocotools_quiet_when_print_is_replaced(coco_root: Path, monkeypatch) -> None:
+    """Ray Train workers replace builtins.print, so redirecting stdout alone lets it through."""
+    import builtins
+
+    printed = []
+    monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: printed.append(args))
+    ds = CocoInstances(coco_root, "val2017", image_size=32)
+    coco_mask_ap(ds.coco, [], image_ids=ds.image_ids)
+    coco_mask_ap(ds.coco, _gt_predictions(ds.coco, ds.image_ids), image_ids=ds.image_ids)
+    assert printed == []

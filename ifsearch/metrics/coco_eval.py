@@ -97,14 +97,18 @@ def quiet_pycocotools():
     ``print`` is shadowed too for the duration.
     """
     modules = (pycocotools.coco, pycocotools.cocoeval)
+    saved = [module.__dict__.get("print") for module in modules]  # not None when nested
     for module in modules:
         module.print = lambda *args, **kwargs: None
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        for module in modules:
-            del module.print
+        for module, previous in zip(modules, saved, strict=True):
+            if previous is None:
+                del module.print
+            else:
+                module.print = previous
 
 
 def _empty_results(coco_gt: COCO) -> COCO:

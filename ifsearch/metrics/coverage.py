@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from ifsearch.errors import DataError
-from ifsearch.metrics.instance_ap import as_numpy, mask_intersections
+from ifsearch.metrics.instance_ap import align_point_counts, as_numpy, mask_intersections
 
 __all__ = ["s3dis_coverage"]
 
@@ -80,17 +80,10 @@ def _room_stats(
     """
     gt_masks, gt_labels = _masks_and_labels(gt, "ground-truth")
     pred_masks, pred_labels = _masks_and_labels(pred, "prediction")
-    num_points = max(gt_masks.shape[1], pred_masks.shape[1])
-    if len(gt_masks) == 0:  # an empty set of masks carries no point count: use the other side's
-        gt_masks = gt_masks.reshape(0, num_points)
-    if len(pred_masks) == 0:
-        pred_masks = pred_masks.reshape(0, num_points)
-    if pred_masks.shape[1] != gt_masks.shape[1]:
-        raise DataError(
-            f"prediction masks cover {pred_masks.shape[1]} points but ground-truth masks cover "
-            f"{gt_masks.shape[1]}; both must index the same points of the room (map predictions "
-            "on voxels to the full room with masks[:, eval_index] first)"
-        )
+    gt_masks, pred_masks = align_point_counts(
+        gt_masks, pred_masks,
+        hint=" (map predictions on voxels to the full room with masks[:, eval_index] first)",
+    )
     gt_size = gt_masks.sum(1)
     keep = (gt_labels >= 0) & (gt_labels < num_classes) & (gt_size >= max(min_size, 1))
     gt_masks, gt_labels, gt_size = gt_masks[keep], gt_labels[keep], gt_size[keep]

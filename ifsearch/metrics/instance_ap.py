@@ -78,6 +78,26 @@ def mask_intersections(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.rint(a.astype(dtype) @ b.astype(dtype).T).astype(np.int64)
 
 
+def align_point_counts(gt_masks: np.ndarray, pred_masks: np.ndarray,
+                       hint: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """(K, N) and (P, N) masks of one scene over the same N points.
+
+    An empty set of masks carries no point count, so it takes the other side's; different
+    counts are a DataError (``hint`` says how to fix it).
+    """
+    num_points = max(gt_masks.shape[1], pred_masks.shape[1])
+    if len(gt_masks) == 0:
+        gt_masks = gt_masks.reshape(0, num_points)
+    if len(pred_masks) == 0:
+        pred_masks = pred_masks.reshape(0, num_points)
+    if pred_masks.shape[1] != gt_masks.shape[1]:
+        raise DataError(
+            f"prediction masks cover {pred_masks.shape[1]} points but ground-truth masks cover "
+            f"{gt_masks.shape[1]}; both must index the same points of the scene{hint}"
+        )
+    return gt_masks, pred_masks
+
+
 def _as_masks(x: Any, what: str) -> np.ndarray:
     """Return a (M, N) bool array; an empty input of any shape, e.g. ``[]``, becomes (0, 0)."""
     masks = as_numpy(x).astype(bool, copy=False)
@@ -107,17 +127,7 @@ def _prepare_scene(
     """Compute intersections, IoUs and ignore fractions for one scene, all classes at once."""
     gt_masks = _as_masks(gt["masks"], "ground_truth masks")
     pred_masks = _as_masks(pred.get("masks", []), "prediction masks")
-    # An empty set of masks carries no point count: give it the other side's.
-    num_points = max(gt_masks.shape[1], pred_masks.shape[1])
-    if len(gt_masks) == 0:
-        gt_masks = gt_masks.reshape(0, num_points)
-    if len(pred_masks) == 0:
-        pred_masks = pred_masks.reshape(0, num_points)
-    if pred_masks.shape[1] != gt_masks.shape[1]:
-        raise DataError(
-            f"prediction masks cover {pred_masks.shape[1]} points but ground-truth masks cover "
-            f"{gt_masks.shape[1]}; both must index the same points of the scene"
-        )
+    gt_masks, pred_masks = align_point_counts(gt_masks, pred_masks)
     gt_labels = as_numpy(gt["labels"], np.int64).reshape(-1)
     scores = as_numpy(pred.get("scores", []), np.float64).reshape(-1)
     pred_labels = as_numpy(pred.get("labels", []), np.int64).reshape(-1)
