@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # CPU torch pin lives here, not in pyproject.toml (GPU users bring their own torch).
 CONSTRAINTS ?= constraints-cpu.txt
 
-.PHONY: demo test install clean
+.PHONY: demo test install benchmarks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -22,6 +22,13 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest tests
+
+# Every benchmark in turn (one at a time: they time things), refreshing docs/benchmarks.md.
+benchmarks: install
+	$(BIN)/python benchmarks/loss_speed.py
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/search_efficiency.py
+	$(BIN)/python benchmarks/study.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
