@@ -19,3 +19,7 @@ class DataError(IfsearchError):
 
 class CheckpointError(IfsearchError):
     """A checkpoint cannot be read or does not match the configuration."""
+
+
+class DivergenceError(IfsearchError):
+    """Training produced a non-finite loss; the trial is failed, not retried into garbage."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -201,9 +202,29 @@ class MlflowTrialLogger(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         run_id = self.run_id(trial)
-        error = str(getattr(trial, "error_file", "") or "")
-        self.client.set_tag(run_id, "ifsearch.error_file", error[:MAX_PARAM_LENGTH])
+        error_file = str(getattr(trial, "error_file", "") or "")
+        self.client.set_tag(run_id, "ifsearch.error_file", error_file[:MAX_PARAM_LENGTH])
+        self.client.set_tag(run_id, "ifsearch.error", error_reason(error_file)[:5000])
         self.client.set_terminated(run_id, status="FAILED")
+
+
+def error_reason(error_file: str) -> str:
+    """The line of a trial's error file that says why it failed.
+
+    Ray wraps a worker's exception in several layers of tracebacks; an ifsearch error (e.g. a
+    divergence) is the most useful line, else the last exception line.
+    """
+    try:
+        lines = [line.strip() for line in Path(error_file).read_text().splitlines()]
+    except OSError:
+        return "unknown (no error file)"
+    ours = [line for line in lines if re.match(r"(ifsearch\.errors\.)?\w+Error: ", line)
+            and any(name in line for name in ("DivergenceError", "DataError", "ConfigError",
+                                              "CheckpointError", "IfsearchError"))]
+    if ours:
+        return ours[-1]
+    errors = [line for line in lines if re.match(r"[\w.]+(Error|Exception): ", line)]
+    return errors[-1] if errors else (lines[-1] if lines else "unknown")
 
 
 def finish_parent_run(client: MlflowClient, parent_run_id: str, status: str = "FINISHED",

@@ -36,7 +36,7 @@ from ifsearch.config import (
     save_config,
 )
 from ifsearch.data.build import build_datasets, collate_fn, is_image_dataset
-from ifsearch.errors import CheckpointError, IfsearchError
+from ifsearch.errors import CheckpointError, DivergenceError, IfsearchError
 from ifsearch.evaluation import CocoEvaluator, PointCloudEvaluator
 from ifsearch.inference import predict_instances
 from ifsearch.losses import build_criterion
@@ -250,20 +250,23 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
                 outputs = ddp_model(inputs)
             parts = criterion(outputs, targets)
             loss = sum(parts.values())
+            # One host sync per step, for logging and the divergence check; the loss has none.
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise _divergence(parts, epoch, step, scheduler.get_last_lr()[0])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
             optimizer.step()
             scheduler.step()
-            # One host sync per step for logging; the loss itself has none.
-            sums["loss"] += loss.item()
+            sums["loss"] += loss_value
             for key, value in parts.items():
                 if not key[-1].isdigit():  # last-layer terms; aux copies end in _{i}
                     sums[key] += value.item()
             num_points += _num_points(inputs)
             if config.train.log_every and step % config.train.log_every == 0:
-                print(f"  epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f}",
+                print(f"  epoch {epoch} step {step}/{steps_per_epoch} loss {loss_value:.4f}",
                       flush=True)
         train_seconds = time.perf_counter() - started
         if distributed:  # throughput of the whole group, not of this rank
@@ -291,6 +294,16 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
         lines = (output_dir / METRICS_NAME).read_text().splitlines()
         metrics = json.loads(lines[-1]) if lines else {}
     return metrics
+
+
+def _divergence(parts: dict, epoch: int, step: int, lr: float) -> DivergenceError:
+    """The error for a non-finite loss, naming the terms that went bad and what to change."""
+    bad = [k for k, v in parts.items() if not torch.isfinite(v).item()]
+    return DivergenceError(
+        f"training diverged: the loss is not finite at epoch {epoch}, step {step} (learning "
+        f"rate {lr:.3g}; non-finite terms: {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}"
+        "); lower train.lr, keep train.grad_clip > 0, or check the loss weights"
+    )
 
 
 def _epoch_line(m: dict, epochs: int) -> str:

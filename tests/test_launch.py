@@ -229,3 +229,25 @@ def test_every_searcher_and_scheduler_builds(tmp_path, searcher, scheduler):
     assert type(build_scheduler(plan)).__name__ == {
         "asha": "AsyncHyperBandScheduler", "hyperband": "HyperBandScheduler",
         "median": "MedianStoppingRule", "fifo": "FIFOScheduler"}[scheduler]
+
+
+@pytest.mark.slow
+def test_diverging_trial_fails_alone_with_its_reason(tmp_path, mlflow_server):
+    """A trial whose loss turns NaN is failed (not retried into garbage), says why in MLflow,
+    and neither crashes the sweep nor becomes the best config."""
+    diverging = tmp_path / "diverging.yaml"
+    config = {k: dict(v) for k, v in TINY_SPACE["base"].items()}
+    config["train"].update({"lr": 1.0e30, "weight_decay": 0.0})
+    diverging.write_text(yaml.safe_dump(config))
+    launch(tmp_path, mlflow_server, "--name", "nan", "--warm-start", str(diverging),
+           "--num-samples", "2", "--max-epochs", "2", "--scheduler", "fifo")
+
+    _, parents, trials = sweep_runs(mlflow_server, tmp_path.name, "nan")
+    by_number = {int(r.data.tags[TRIAL_NUMBER_TAG]): r for r in trials}
+    failed, healthy = by_number[1], by_number[2]
+    assert failed.info.status == "FAILED"
+    assert "DivergenceError: training diverged" in failed.data.tags["ifsearch.error"]
+    assert healthy.info.status == "FINISHED"
+    assert parents[0].info.status == "FINISHED"
+    best = load_config(tmp_path / "sweeps" / "nan" / "best_config.yaml")
+    assert best.train.lr == pytest.approx(float(healthy.data.params["train.lr"]))

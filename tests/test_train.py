@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from ifsearch.config import config_from_dict, load_config
 from ifsearch.data import collate_scenes
-from ifsearch.errors import CheckpointError
+from ifsearch.errors import CheckpointError, DivergenceError
 from ifsearch.losses import build_criterion
 from ifsearch.train import build_datasets, build_model, evaluate, train_loop
 
@@ -138,3 +138,12 @@ def test_cli_reports_bad_override_without_traceback(tmp_path):
     assert run.returncode == 2
     assert "loss.temprature: unknown key" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_divergence_stops_the_run_with_the_reason(tmp_path):
+    config = tiny_config(tmp_path, train={"lr": 1e30, "epochs": 2, "warmup_epochs": 0.0})
+    reason = (r"training diverged: the loss is not finite at epoch 1, step \d+ "
+              r"\(learning rate [0-9.e+]+; non-finite terms: loss_")
+    with pytest.raises(DivergenceError, match=reason):
+        train_loop(config)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no garbage epoch was recorded

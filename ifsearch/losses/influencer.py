@@ -12,9 +12,16 @@ sets S_k:
     B          = mean_{i in background, m} p_im         background suppression
     loss       = attr_weight * A + rep_weight * R + bg_weight * B
 
-Everything is dense algebra on (K, N) x (N, M) products: no loop over instances or points, and no
-host synchronisation when the instance membership is given as a (K, N) mask (the criterion's path).
+Everything is dense algebra on (K, N) x (N, M) products: no loop over instances, and no host
+synchronisation when the instance membership is given as a (K, N) mask (the criterion's path).
 The softmax background slot has a fixed logit 0, so with M = 1 the softmax mode equals the sigmoid one.
+
+Speed (benchmarks/loss_speed.py): the only (N, M) work is in :class:`_MaskMatrixTerms`, which reduces
+the mask matrix to g (K, M) and the background sum with a hand-written backward, so no (N, M)
+intermediate is kept for autograd. In softmax mode log p_im = x_im - lse_i, so
+g_km = (sum_{i in S_k} x_im - sum_{i in S_k} lse_i) / |S_k| needs only the (N,) row log-sum-exps, and
+the background sum of p over the M queries is 1 - p(background slot) = 1 - exp(-lse_i), an (N,)
+quantity. On CPU the points are processed in chunks whose temporaries stay in the L2 cache.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 MASK_PROB_MODES = ("sigmoid", "softmax")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -118,16 +126,17 @@ class MaskInfluencerLoss(nn.Module):
         """
         # At least fp32, even when the model ran under bf16/fp16 autocast.
         logits = mask_logits.float() if mask_logits.dtype in LOW_PRECISION else mask_logits
-        log_p = mask_log_probs(logits, self.mask_prob)  # (N, M)
-        member = instance_masks.to(log_p.dtype)  # (K, N)
         if background is None:
-            background = ~instance_masks.any(dim=0)
-        background = background.to(log_p.dtype)  # (N,)
+            background = ~instance_masks.any(dim=0)  # (N,)
+        counts = instance_masks.sum(dim=1).to(logits.dtype)  # (K,)
+        valid = (counts > 0).to(logits.dtype)  # (K,) empty instances take no part
+        # g_km, the log geometric mean of p_im over the points of instance k, and the summed
+        # probability of every query over the background points.
+        g, bg_prob_sum = _MaskMatrixTerms.apply(
+            logits, instance_masks, background, counts.clamp(min=1), self.mask_prob
+        )  # (K, M), ()
 
-        # Attraction: g_km, the log geometric mean of p_im over the points of instance k.
-        counts = member.sum(dim=1)  # (K,)
-        valid = (counts > 0).to(log_p.dtype)  # (K,) empty instances take no part
-        g = (member @ log_p) / counts.clamp(min=1).unsqueeze(1)  # (K, M)
+        # Attraction: some query claims all of instance k.
         t = self.temperature
         attraction_k = -t * torch.logsumexp(g / t, dim=1)  # (K,)
         attractive = (attraction_k * valid).sum() / valid.sum().clamp(min=1)
@@ -144,10 +153,9 @@ class MaskInfluencerLoss(nn.Module):
         repulsive = (hinge * pair_valid).sum() / pair_valid.sum().clamp(min=1)
 
         # Background: mean probability any query gives to a background point.
-        num_queries = log_p.shape[1]
-        bg_prob_sum = background @ log_p.exp()  # (M,)
+        num_queries = logits.shape[1]
         denominator = (background.sum() * num_queries).clamp(min=1)
-        background_term = bg_prob_sum.sum() / denominator
+        background_term = bg_prob_sum / denominator
 
         loss = (
             self.attr_weight * attractive
@@ -161,3 +169,83 @@ class MaskInfluencerLoss(nn.Module):
             "background": background_term,
             "log_geomean": g,
         }
+
+
+# Elements of the (N, M) mask matrix per chunk on CPU: 2^17 fp32 values are 512 KiB, so a chunk and
+# its one or two temporaries stay in a 2 MiB L2 cache. GPUs take the whole matrix at once.
+CPU_CHUNK_ELEMENTS = 1 << 17
+
+
+def _row_chunks(x: torch.Tensor) -> list[slice]:
+    """Row slices of the (N, M) matrix ``x``: cache-sized on CPU, one slice otherwise."""
+    n, m = x.shape
+    if x.device.type != "cpu" or not x.is_contiguous():
+        return [slice(0, n)] if n else []
+    rows = max(1, CPU_CHUNK_ELEMENTS // max(m, 1))
+    return [slice(start, min(start + rows, n)) for start in range(0, n, rows)]
+
+
+class _MaskMatrixTerms(torch.autograd.Function):
+    """The two reductions of the (N, M) mask matrix the loss needs, with a fused backward.
+
+    forward(x (N, M), masks (K, N) bool, background (N,) bool, counts (K,) >= 1, mask_prob) returns
+    g = (masks @ log p) / counts, (K, M), and the background sum sum_{i in bg, m} p_im, ().
+
+    Softmax: lse_i = log(1 + sum_m exp(x_im)) (the background slot has logit 0), log p = x - lse,
+    so g = (masks @ x - masks @ lse) / counts and sum_m p_im = 1 - exp(-lse_i):
+    d/dx_im = (masks^T D)_im + a_i p_im with D = dL/dg / counts and
+    a_i = -(masks^T D 1)_i + dL/dB bg_i exp(-lse_i); p_im = exp(x_im - lse_i) is recomputed, chunk by
+    chunk, rather than stored. Sigmoid: log p = logsigmoid(x), d log p / dx = 1 - s, dp/dx = s (1 - s)
+    with s = sigmoid(x), so d/dx = (1 - s) * ((masks^T D) + dL/dB bg_i s).
+    Only (N,) row statistics are saved for the backward (softmax) or nothing (sigmoid).
+    """
+
+    @staticmethod
+    def forward(ctx, x, masks, background, counts, mask_prob):  # noqa: D102
+        num_instances, (n, m) = masks.shape[0], x.shape
+        total = x.new_zeros(num_instances, m)  # (K, M) sum over each instance of log p
+        bg_sum = x.new_zeros(())
+        lse_total = x.new_zeros(num_instances)  # (K,) softmax: sum over each instance of lse
+        lse = x.new_empty(n) if mask_prob == "softmax" else None  # (N,)
+        for rows in _row_chunks(x):
+            xc = x[rows]  # (n_c, M)
+            member = masks[:, rows].to(x.dtype)  # (K, n_c): a chunk, never the whole (K, N)
+            bg = background[rows].to(x.dtype)  # (n_c,)
+            if mask_prob == "softmax":
+                lse_c = torch.logaddexp(torch.logsumexp(xc, dim=1), xc.new_zeros(()))  # (n_c,)
+                lse[rows] = lse_c
+                total.addmm_(member, xc)
+                lse_total.add_(member @ lse_c)
+                bg_sum = bg_sum - bg @ torch.expm1(-lse_c)  # sum_m p_im = 1 - exp(-lse_i)
+            else:
+                log_p = F.logsigmoid(xc)  # (n_c, M)
+                total.addmm_(member, log_p)
+                bg_sum = bg_sum + (bg @ log_p.exp_()).sum()
+        ctx.mask_prob = mask_prob
+        ctx.save_for_backward(x, masks, background, counts, lse)
+        if mask_prob == "softmax":
+            total.sub_(lse_total[:, None])
+        return total / counts[:, None], bg_sum
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_g, grad_bg):  # noqa: D102
+        x, masks, background, counts, lse = ctx.saved_tensors
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)  # (N, M)
+        scaled = (grad_g / counts[:, None]).to(x.dtype)  # (K, M) dL/d(sum over instance)
+        if ctx.mask_prob == "softmax":
+            row_sum = scaled.sum(dim=1)  # (K,)
+        for rows in _row_chunks(x):
+            xc, out = x[rows], grad_x[rows]  # (n_c, M)
+            member = masks[:, rows].to(x.dtype)  # (K, n_c)
+            bg = background[rows].to(x.dtype) * grad_bg  # (n_c,)
+            torch.mm(member.T, scaled, out=out)
+            if ctx.mask_prob == "softmax":
+                lse_c = lse[rows]
+                coef = bg * torch.exp(-lse_c) - member.T @ row_sum  # (n_c,) a_i
+                out.addcmul_(coef[:, None], (xc - lse_c[:, None]).exp_())
+            else:
+                s = torch.sigmoid(xc)  # (n_c, M)
+                out.addcmul_(bg[:, None], s)
+                out.mul_(s.neg_().add_(1.0))
+        return grad_x, None, None, None, None
