@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import platform
+import signal
 import tempfile
 from pathlib import Path
 
@@ -26,10 +27,12 @@ from ifsearch.export import write_best_config
 from ifsearch.launch import PROGRESS_METRICS, RUNS_DIR, SweepPlan
 from ifsearch.sweep_report import write_plots, write_trials_csv
 from ifsearch.tracking import (
+    INTERRUPTED_TAG,
     MlflowTrialLogger,
     environment_params,
     find_or_create_parent_run,
     finish_parent_run,
+    mark_interrupted,
 )
 from trainables import TrialSettings, train_driver_fn
 
@@ -180,8 +183,28 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
     print(f"sweep {plan.name}: {plan.num_samples} trials x <= {plan.max_epochs} epochs, "
           f"{plan.searcher} + {plan.scheduler}, {concurrent} at once; MLflow {tracking_uri} "
           f"(experiment {args.experiment!r})", flush=True)
-    results = tuner.fit()
+    # Tune turns SIGINT into a clean stop that saves the experiment; give SIGTERM (what
+    # schedulers and `kill` send) the same meaning instead of dying mid-write.
+    previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        results = tuner.fit()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if _interrupted(sweep_uri, plan.num_samples):
+        marked = mark_interrupted(client, args.experiment, plan.name)
+        print(f"\nsweep {plan.name} interrupted: its state is saved in {sweep_uri} and {marked} "
+              f"MLflow run(s) are marked KILLED ({INTERRUPTED_TAG}=true). Continue it with:\n"
+              f"  python -m ifsearch.launch --resume --name {plan.name} --space {args.space}",
+              flush=True)
+        return 130
     return _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri, local_dir)
+
+
+def _interrupted(sweep_uri: str, num_samples: int) -> bool:
+    """True when the saved experiment has trials left to run (fit returned early)."""
+    trials = tune.ExperimentAnalysis(sweep_uri).trials
+    unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    return bool(unfinished) or len(trials) < num_samples
 
 
 def _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri: str,

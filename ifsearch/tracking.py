@@ -29,6 +29,7 @@ SWEEP_TAG = "ifsearch.sweep"
 ROLE_TAG = "ifsearch.role"
 TRIAL_TAG = "ifsearch.trial_id"
 TRIAL_NUMBER_TAG = "ifsearch.trial_number"  # creation order: 1 = the first trial evaluated
+INTERRUPTED_TAG = "ifsearch.interrupted"  # on runs a SIGINT/SIGTERM left unfinished
 # Tune's own bookkeeping, never a model metric ("epoch" is the step, not a metric).
 NOT_METRICS = set(AUTO_RESULT_KEYS) | set(DEBUG_METRICS) | {
     "epoch", "done", "checkpoint_path", "should_checkpoint", "warmup_time",
@@ -71,14 +72,33 @@ def tag_filter(tags: dict[str, str]) -> str:
     return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
 
 
+def mark_interrupted(client: MlflowClient, experiment: str, sweep: str) -> int:
+    """Mark the sweep's runs still RUNNING (its parent and unfinished trials) as KILLED and
+    interrupted, so none stays RUNNING forever; ``--resume`` sets them RUNNING again.
+
+    Returns the number of runs marked.
+    """
+    experiment_id = get_or_create_experiment(client, experiment)
+    running = client.search_runs(
+        [experiment_id], filter_string=f"{tag_filter({SWEEP_TAG: sweep})} and "
+                                       "attributes.status = 'RUNNING'")
+    for run in running:
+        client.set_tag(run.info.run_id, INTERRUPTED_TAG, "true")
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return len(running)
+
+
 def reopen_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
     """The run carrying ``tags``, marked RUNNING again, or None: how a resumed sweep continues
     its parent and trial runs instead of opening new ones."""
     found = client.search_runs([experiment_id], filter_string=tag_filter(tags), max_results=1)
     if not found:
         return None
-    client.update_run(found[0].info.run_id, status="RUNNING")
-    return found[0].info.run_id
+    run = found[0]
+    if INTERRUPTED_TAG in run.data.tags:
+        client.delete_tag(run.info.run_id, INTERRUPTED_TAG)
+    client.update_run(run.info.run_id, status="RUNNING")
+    return run.info.run_id
 
 
 def find_or_create_parent_run(client: MlflowClient, experiment: str, sweep: str,
@@ -176,7 +196,11 @@ class MlflowTrialLogger(tune.Callback):
         return run.info.run_id
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.run_id(trial, number=trials.index(trial) + 1)
+        run_id = self.run_id(trial, number=trials.index(trial) + 1)
+        run = self.client.get_run(run_id)
+        if INTERRUPTED_TAG in run.data.tags:  # a resumed sweep continues this trial
+            self.client.delete_tag(run_id, INTERRUPTED_TAG)
+            self.client.update_run(run_id, status="RUNNING")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         step = int(result.get("epoch", result.get("training_iteration", 0)))

@@ -14,7 +14,13 @@ from mlflow.tracking import MlflowClient
 
 from ifsearch.config import load_config
 from ifsearch.launch import build_parser
-from ifsearch.tracking import ROLE_TAG, SWEEP_TAG, TRIAL_NUMBER_TAG, TRIAL_TAG
+from ifsearch.tracking import (
+    INTERRUPTED_TAG,
+    ROLE_TAG,
+    SWEEP_TAG,
+    TRIAL_NUMBER_TAG,
+    TRIAL_TAG,
+)
 from ifsearch.tracking_server import start_local_server, stop_local_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +152,8 @@ def test_sweep_logs_to_mlflow_exports_and_warm_starts(tmp_path, mlflow_server):
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_without_duplicates(tmp_path, mlflow_server):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_sweep_resumes_without_duplicates(tmp_path, mlflow_server, sig):
     proc = launch(tmp_path, mlflow_server, "--name", "resumable", wait=False)
     client = MlflowClient(mlflow_server)
     deadline = time.time() + 300
@@ -160,13 +167,21 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, mlflow_server):
                 break
             time.sleep(1)
         assert done, "no trial finished in time"
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=120)
+        if sig == signal.SIGINT:  # Ctrl+C reaches the whole foreground process group
+            os.killpg(proc.pid, sig)
+        else:  # `kill` or a batch scheduler signals the launcher
+            os.kill(proc.pid, sig)
+        output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    _, _, before = sweep_runs(mlflow_server, tmp_path.name, "resumable")
-    assert 1 <= len(before) < 4 or any(r.info.status == "RUNNING" for r in before)
+    assert proc.returncode == 130, output[-3000:]
+    assert "--resume --name resumable" in output
+    _, parents, before = sweep_runs(mlflow_server, tmp_path.name, "resumable")
+    # Nothing is left RUNNING: the parent and the unfinished trials are KILLED + interrupted.
+    assert all(r.info.status != "RUNNING" for r in parents + before)
+    assert parents[0].info.status == "KILLED"
+    assert parents[0].data.tags[INTERRUPTED_TAG] == "true"
 
     out = launch(tmp_path, mlflow_server, "--resume", "--name", "resumable")
     assert "resuming sweep resumable" in out
@@ -175,6 +190,8 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, mlflow_server):
     assert len(parents) == 1
     assert len(trial_ids) == len(set(trial_ids)) == 4  # no trial ran twice, none was lost
     assert all(r.info.status in ("FINISHED", "KILLED") for r in trials)
+    assert parents[0].info.status == "FINISHED"
+    assert not any(INTERRUPTED_TAG in r.data.tags for r in parents + trials)
     # The searcher state survived: the resumed sweep sampled only the missing trials.
     configs = {(r.data.params["train.lr"], r.data.params["train.weight_decay"]) for r in trials}
     assert len(configs) == 4
