@@ -178,6 +178,12 @@ def resolve_tracking_uri(cli_uri: str | None, start_local: bool = True) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # MLflow's client retries a dead server for minutes by default; the sweep's logger would
+    # block Tune meanwhile. Fail fast and spool instead (ifsearch.tracking).
+    for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
+                       ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                       ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")):
+        os.environ.setdefault(key, value)
     try:
         plan = plan_sweep(args)
         prepare_data(plan.space, str(args.space))

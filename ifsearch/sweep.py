@@ -7,7 +7,7 @@ import math
 import os
 import platform
 import signal
-import tempfile
+import socket
 from pathlib import Path
 
 import optuna
@@ -28,7 +28,10 @@ from ifsearch.launch import PROGRESS_METRICS, RUNS_DIR, SweepPlan
 from ifsearch.sweep_report import write_plots, write_trials_csv
 from ifsearch.tracking import (
     INTERRUPTED_TAG,
+    UNREACHABLE,
     MlflowTrialLogger,
+    RunWriter,
+    Spool,
     environment_params,
     find_or_create_parent_run,
     finish_parent_run,
@@ -37,6 +40,7 @@ from ifsearch.tracking import (
 from trainables import TrialSettings, train_driver_fn
 
 DRIVER_CPUS = 1.0  # a trial's Tune function only waits on its TorchTrainer
+SPOOL_NAME = "mlflow_spool.jsonl"  # MLflow records kept while the server is unreachable
 
 
 def build_searcher(plan: SweepPlan):
@@ -72,6 +76,12 @@ def build_scheduler(plan: SweepPlan):
     if plan.scheduler == "median":
         return MedianStoppingRule(grace_period=plan.grace_period, **common)
     return FIFOScheduler()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def start_ray(args: argparse.Namespace) -> tuple[int, str]:
@@ -120,8 +130,22 @@ def start_ray(args: argparse.Namespace) -> tuple[int, str]:
         fit = min(fit, int(local_gpus // (workers * gpus)))
     concurrent = args.max_concurrent or fit
     num_cpus = max(int(math.ceil(concurrent * (DRIVER_CPUS + workers * cpus))), cores)
-    ray.init(num_cpus=num_cpus, num_gpus=local_gpus,
-             dashboard_host="127.0.0.1", include_dashboard=True)
+    # Ray Train's placement-group cleaner finds its cluster through the State API, which gives
+    # up when several Ray instances run on one machine ("Found multiple active Ray instances"),
+    # and the placement groups of stopped trials are then never freed: the sweep hangs. So
+    # pin the GCS port and tell every process of this cluster its address.
+    gcs_port = _free_port()
+    address = f"{ray.util.get_node_ip_address()}:{gcs_port}"
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
+    try:
+        ray.init(num_cpus=num_cpus, num_gpus=local_gpus, dashboard_host="127.0.0.1",
+                 include_dashboard=True, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
     note = (f"local Ray on {cores} cores with {num_cpus} logical CPUs: each of "
             f"{concurrent} concurrent trials reserves {DRIVER_CPUS:g} CPU for its idle driver + "
             f"{workers}x{cpus:g} for its workers")
@@ -164,7 +188,8 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
         tuner = tune.Tuner.restore(sweep_uri, trainable=trainable, resume_errored=True)
     else:
         logger = MlflowTrialLogger(tracking_uri, args.experiment, plan.name, parent_run_id,
-                                   plan.space, plan.max_epochs)
+                                   plan.space, plan.max_epochs,
+                                   spool_path=local_dir / SPOOL_NAME)
         reporter = tune.CLIReporter(
             metric_columns=list(PROGRESS_METRICS),
             parameter_columns=list(plan.space.params)[:6],
@@ -191,9 +216,13 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
     finally:
         signal.signal(signal.SIGTERM, previous)
     if _interrupted(sweep_uri, plan.num_samples):
-        marked = mark_interrupted(client, args.experiment, plan.name)
-        print(f"\nsweep {plan.name} interrupted: its state is saved in {sweep_uri} and {marked} "
-              f"MLflow run(s) are marked KILLED ({INTERRUPTED_TAG}=true). Continue it with:\n"
+        try:
+            marked = mark_interrupted(client, args.experiment, plan.name)
+            runs = f"{marked} MLflow run(s) are marked KILLED ({INTERRUPTED_TAG}=true)"
+        except UNREACHABLE as exc:
+            runs = f"MLflow is unreachable ({type(exc).__name__}), runs were not marked"
+        print(f"\nsweep {plan.name} interrupted: its state is saved in {sweep_uri} and {runs}. "
+              f"Continue it with:\n"
               f"  python -m ifsearch.launch --resume --name {plan.name} --space {args.space}",
               flush=True)
         return 130
@@ -212,7 +241,10 @@ def _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri:
     """Pick the best trial, write and log best_config.yaml, the trials CSV and plots."""
     ok = [r for r in results if r.error is None and plan.metric in (r.metrics or {})]
     if not ok:
-        finish_parent_run(client, parent_run_id, status="FAILED")
+        try:
+            finish_parent_run(client, parent_run_id, status="FAILED")
+        except UNREACHABLE:
+            pass  # the error below is what matters
         raise IfsearchError(f"no trial of sweep {plan.name} reported {plan.metric}; see the "
                             f"trial errors above and {sweep_uri}")
     best = results.get_best_result(plan.metric, plan.mode, scope="last",
@@ -226,17 +258,28 @@ def _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri:
         "metrics": {k: v for k, v in best.metrics.items() if isinstance(v, (int, float))},
         "searched": sampled,
     })
-    with tempfile.TemporaryDirectory() as tmp:
-        csv_path = write_trials_csv(results, Path(tmp) / "trials.csv")
-        plots = write_plots(results, plan, Path(tmp) / "plots")
-        finish_parent_run(
-            client, parent_run_id,
-            metrics={k: best.metrics[k] for k in ("AP", "AP50", "AP25") if k in best.metrics},
-            artifacts=[best_path, best_path.with_name("best_config_trial.json"), csv_path],
-            artifact_dirs={"plots": plots},
-            tags={"ifsearch.best_trial": str(best.metrics.get("trial_id")),
-                  "ifsearch.checkpoint": str(checkpoint)},
-        )
+    report = local_dir / "report"  # kept next to best_config.yaml (and spooled if need be)
+    csv_path = write_trials_csv(results, report / "trials.csv")
+    plots = write_plots(results, plan, report / "plots")
+    finish = {
+        "kind": "parent_end", "sweep": plan.name, "status": "FINISHED",
+        "metrics": {k: best.metrics[k] for k in ("AP", "AP50", "AP25") if k in best.metrics},
+        "artifacts": [str(p) for p in (best_path, best_path.with_name("best_config_trial.json"),
+                                       csv_path)],
+        "artifact_dirs": {"plots": str(plots)},
+        "tags": {"ifsearch.best_trial": str(best.metrics.get("trial_id")),
+                 "ifsearch.checkpoint": str(checkpoint)},
+    }
+    spool = Spool(local_dir / SPOOL_NAME, tracking_uri, args.experiment)
+    if spool.path.exists():  # trial logging waits there: the parent goes last, after it
+        spool.append(finish)
+        print(spool.warning(IfsearchError("some records could not be sent")), flush=True)
+    else:
+        try:
+            RunWriter(client, args.experiment).apply(finish)
+        except UNREACHABLE as exc:
+            spool.append(finish)
+            print(spool.warning(exc), flush=True)
     failed = len(results) - len(ok)
     print("\nbest trial:", best.metrics.get("trial_id"),
           " ".join(f"{k}={best.metrics[k]:.4f}" for k in ("AP", "AP50", "AP25")

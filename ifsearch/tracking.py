@@ -7,22 +7,29 @@ sweep continues the same runs instead of opening new ones.
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import platform
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import requests
+import yaml
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS
 
-from ifsearch.config import flatten_config, save_config
+from ifsearch.config import config_to_dict
+from ifsearch.errors import IfsearchError
 from ifsearch.search_space import SearchSpace
 
 SWEEP_TAG = "ifsearch.sweep"
@@ -35,6 +42,8 @@ NOT_METRICS = set(AUTO_RESULT_KEYS) | set(DEBUG_METRICS) | {
     "epoch", "done", "checkpoint_path", "should_checkpoint", "warmup_time",
 }
 MAX_PARAM_LENGTH = 500
+# What an unreachable or failing server raises through MlflowClient.
+UNREACHABLE = (MlflowException, requests.exceptions.RequestException, ConnectionError)
 
 
 def code_version() -> str:
@@ -126,11 +135,107 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     return client.create_experiment(name)
 
 
+class RunWriter:
+    """Applies logging records (plain dicts) to MLflow: the one place that writes trial runs.
+
+    The Tune callback turns events into records and applies them at once; when the server is
+    unreachable the records go to a spool file instead, and ``python -m ifsearch.tracking sync``
+    applies the same records later, so both paths give identical runs.
+    """
+
+    def __init__(self, client: MlflowClient, experiment: str) -> None:
+        self.client = client
+        self.experiment_id = get_or_create_experiment(client, experiment)
+        self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
+
+    def apply(self, record: dict) -> None:
+        getattr(self, f"_{record['kind']}")(record)
+
+    def trial_run(self, record: dict) -> str:
+        """The trial's run: cached, else found by tag (resumed sweep), else created."""
+        trial_id = record["trial_id"]
+        if trial_id not in self.runs:
+            run_id = reopen_run(self.client, self.experiment_id,
+                                {SWEEP_TAG: record["sweep"], TRIAL_TAG: trial_id})
+            self.runs[trial_id] = run_id or self._create(record)
+        return self.runs[trial_id]
+
+    def _create(self, record: dict) -> str:
+        parent = self.client.search_runs(
+            [self.experiment_id], tag_filter({SWEEP_TAG: record["sweep"], ROLE_TAG: "sweep"}),
+            max_results=1)
+        tags = {SWEEP_TAG: record["sweep"], ROLE_TAG: "trial", TRIAL_TAG: record["trial_id"],
+                TRIAL_NUMBER_TAG: str(record.get("number") or ""),
+                "ifsearch.searched": ",".join(sorted(record.get("searched", [])))}
+        if parent:
+            tags["mlflow.parentRunId"] = parent[0].info.run_id
+        run = self.client.create_run(self.experiment_id, run_name=record.get("name"), tags=tags)
+        config = record.get("config")
+        if config is not None:
+            self.client.log_batch(run.info.run_id, params=_params(
+                {f"{section}.{key}": value for section, values in config.items()
+                 for key, value in values.items()}))
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "config.yaml"
+                path.write_text(yaml.safe_dump(config, sort_keys=False))
+                self.client.log_artifact(run.info.run_id, str(path))
+        return run.info.run_id
+
+    def _start(self, record: dict) -> None:
+        run_id = self.trial_run(record)
+        if INTERRUPTED_TAG in self.client.get_run(run_id).data.tags:  # resumed trial
+            self.client.delete_tag(run_id, INTERRUPTED_TAG)
+            self.client.update_run(run_id, status="RUNNING")
+
+    def _result(self, record: dict) -> None:
+        metrics = [Metric(k, v, record["timestamp"], record["step"])
+                   for k, v in record["metrics"].items()]
+        self.client.log_batch(self.trial_run(record), metrics=metrics)
+
+    def _end(self, record: dict) -> None:
+        run_id = self.trial_run(record)
+        for key, value in record.get("tags", {}).items():
+            self.client.set_tag(run_id, key, value)
+        self.client.set_terminated(run_id, status=record["status"])
+
+    def _parent_end(self, record: dict) -> None:
+        parent = reopen_run(self.client, self.experiment_id,
+                            {SWEEP_TAG: record["sweep"], ROLE_TAG: "sweep"})
+        if parent is None:
+            raise IfsearchError(f"no parent run of sweep {record['sweep']!r} in MLflow")
+        finish_parent_run(self.client, parent, status=record["status"],
+                          metrics=record.get("metrics"), tags=record.get("tags"),
+                          artifacts=[Path(p) for p in record.get("artifacts", [])],
+                          artifact_dirs={k: Path(v)
+                                         for k, v in record.get("artifact_dirs", {}).items()})
+
+
+class Spool:
+    """Records that could not reach MLflow, appended to a JSONL file for ``sync``."""
+
+    def __init__(self, path: Path, tracking_uri: str, experiment: str) -> None:
+        self.path, self.tracking_uri, self.experiment = Path(path), tracking_uri, experiment
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = {**record, "tracking_uri": self.tracking_uri, "experiment": self.experiment}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def warning(self, error: Exception) -> str:
+        return (f"WARNING: MLflow at {self.tracking_uri} is unreachable "
+                f"({type(error).__name__}: {str(error)[:200]}); training goes on and the "
+                f"logging is kept in {self.path}. Once the server is back, upload it with:\n"
+                f"  python -m ifsearch.tracking sync {self.path}")
+
+
 class MlflowTrialLogger(tune.Callback):
     """Nested MLflow run per trial: resolved config as params, per-epoch metrics, final status.
 
     Status: FINISHED when the trial ran all ``max_epochs``, KILLED when a scheduler stopped it
-    early, FAILED on error (with the error as a tag).
+    early, FAILED on error (with the reason as a tag). If the server cannot be reached, training
+    is not disturbed: records go to ``spool_path`` (a warning says how to sync them), and while
+    the server is down it is retried at most every ``retry_seconds``.
 
     Args:
         tracking_uri: the MLflow server.
@@ -139,97 +244,126 @@ class MlflowTrialLogger(tune.Callback):
         parent_run_id: the sweep's parent run.
         space: resolves a trial's sampled values into its full config.
         max_epochs: the budget every trial would run without early stopping.
+        spool_path: where records go while MLflow is unreachable.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, sweep: str, parent_run_id: str,
-                 space: SearchSpace, max_epochs: int) -> None:
+                 space: SearchSpace, max_epochs: int, spool_path: Path | None = None,
+                 retry_seconds: float = 30.0) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.sweep = sweep
         self.parent_run_id = parent_run_id
         self.space = space
         self.max_epochs = max_epochs
-        self._client: MlflowClient | None = None
-        self._experiment_id: str | None = None
-        self._runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
+        self.spool = Spool(spool_path or Path(tempfile.gettempdir()) / f"{sweep}.mlflow.jsonl",
+                           tracking_uri, experiment)
+        self.retry_seconds = retry_seconds
+        self._writer: RunWriter | None = None
+        self._spooled: set[str] = set()  # trials with spooled records: keep their order
+        self._down_since: float | None = None
 
-    @property
-    def client(self) -> MlflowClient:
-        if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
-            self._experiment_id = get_or_create_experiment(self._client, self.experiment)
-        return self._client
+    def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment
+        return {**self.__dict__, "_writer": None}
 
-    def run_id(self, trial, number: int | None = None) -> str:
-        """The trial's run: cached, else found by tag (resumed sweep), else created.
-
-        ``number`` is the trial's 1-based position in Tune's trial list (creation order).
-        """
-        if trial.trial_id in self._runs:
-            return self._runs[trial.trial_id]
-        run_id = reopen_run(self.client, self._experiment_id,
-                            {SWEEP_TAG: self.sweep, TRIAL_TAG: trial.trial_id})
-        if run_id is None:
-            run_id = self._create_run(trial, number)
-        self._runs[trial.trial_id] = run_id
-        return run_id
-
-    def _create_run(self, trial, number: int | None) -> str:
-        client = self.client
-        searched = {k: v for k, v in trial.config.items() if k in self.space.params}
-        run = client.create_run(
-            self._experiment_id,
-            run_name=str(trial),
-            tags={
-                "mlflow.parentRunId": self.parent_run_id,
-                SWEEP_TAG: self.sweep,
-                ROLE_TAG: "trial",
-                TRIAL_TAG: trial.trial_id,
-                TRIAL_NUMBER_TAG: str(number or ""),
-                "ifsearch.searched": ",".join(sorted(searched)),
-            },
-        )
-        config = self.space.resolve(searched)
-        client.log_batch(run.info.run_id, params=_params(flatten_config(config)))
-        with tempfile.TemporaryDirectory() as tmp:
-            client.log_artifact(run.info.run_id, str(save_config(config, Path(tmp) / "config.yaml")))
-        return run.info.run_id
+    def _send(self, record: dict) -> None:
+        record = {**record, "sweep": self.sweep}
+        down = self._down_since is not None
+        if record["trial_id"] in self._spooled or (
+                down and time.time() - self._down_since < self.retry_seconds):
+            self._spooled.add(record["trial_id"])
+            self.spool.append(record)
+            return
+        try:
+            if self._writer is None:
+                self._writer = RunWriter(MlflowClient(self.tracking_uri), self.experiment)
+            self._writer.apply(record)
+            self._down_since = None
+        except UNREACHABLE as exc:
+            if not down:
+                print(self.spool.warning(exc), flush=True)
+            self._down_since = time.time()
+            self._spooled.add(record["trial_id"])
+            self.spool.append(record)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        run_id = self.run_id(trial, number=trials.index(trial) + 1)
-        run = self.client.get_run(run_id)
-        if INTERRUPTED_TAG in run.data.tags:  # a resumed sweep continues this trial
-            self.client.delete_tag(run_id, INTERRUPTED_TAG)
-            self.client.update_run(run_id, status="RUNNING")
+        searched = {k: v for k, v in trial.config.items() if k in self.space.params}
+        self._send({"kind": "start", "trial_id": trial.trial_id, "name": str(trial),
+                    "number": trials.index(trial) + 1, "searched": sorted(searched),
+                    "config": config_to_dict(self.space.resolve(searched))})
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        now = int(time.time() * 1000)
-        metrics = [
-            Metric(key, float(value), now, step)
-            for key, value in result.items()
+        metrics = {
+            key: float(value) for key, value in result.items()
             if key not in NOT_METRICS and isinstance(value, (int, float))
             and not isinstance(value, bool) and math.isfinite(value)
-        ]
-        self.client.log_batch(self.run_id(trial), metrics=metrics)
+        }
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        self._send({"kind": "result", "trial_id": trial.trial_id, "step": step,
+                    "timestamp": int(time.time() * 1000), "metrics": metrics})
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
         epochs = int(last.get("epoch", 0))
         status = "FINISHED" if epochs >= self.max_epochs else "KILLED"
-        run_id = self.run_id(trial)
+        tags = {}
         if last.get("checkpoint_path"):  # Train's latest checkpoint, forwarded by Tune
-            self.client.set_tag(run_id, "ifsearch.checkpoint", str(last["checkpoint_path"]))
+            tags["ifsearch.checkpoint"] = str(last["checkpoint_path"])
         if status == "KILLED":
-            self.client.set_tag(run_id, "ifsearch.stopped_at_epoch", str(epochs))
-        self.client.set_terminated(run_id, status=status)
+            tags["ifsearch.stopped_at_epoch"] = str(epochs)
+        self._send({"kind": "end", "trial_id": trial.trial_id, "status": status, "tags": tags})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        run_id = self.run_id(trial)
         error_file = str(getattr(trial, "error_file", "") or "")
-        self.client.set_tag(run_id, "ifsearch.error_file", error_file[:MAX_PARAM_LENGTH])
-        self.client.set_tag(run_id, "ifsearch.error", error_reason(error_file)[:5000])
-        self.client.set_terminated(run_id, status="FAILED")
+        tags = {"ifsearch.error_file": error_file[:MAX_PARAM_LENGTH],
+                "ifsearch.error": error_reason(error_file)[:5000]}
+        self._send({"kind": "end", "trial_id": trial.trial_id, "status": "FAILED", "tags": tags})
+
+
+def sync_spool(path: str | Path, tracking_uri: str | None = None) -> int:
+    """Apply the records of a spool file to MLflow; returns how many were applied.
+
+    Records are applied in order and the file is rewritten with those left whenever one fails,
+    so running ``sync`` again after a second outage never logs a record twice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise IfsearchError(f"no spool file {str(path)!r}: nothing to sync")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    writers: dict[tuple[str, str], RunWriter] = {}
+    for done, record in enumerate(records):
+        uri = tracking_uri or record["tracking_uri"]
+        try:
+            key = (uri, record["experiment"])
+            if key not in writers:
+                writers[key] = RunWriter(MlflowClient(uri), record["experiment"])
+            writers[key].apply(record)
+        except UNREACHABLE as exc:
+            path.write_text("".join(json.dumps(r) + "\n" for r in records[done:]))
+            raise IfsearchError(f"MLflow at {uri} is still unreachable ({exc}); {done} of "
+                                f"{len(records)} records synced, the rest are kept in {path}; "
+                                "run sync again later") from exc
+    path.rename(path.with_name(f"{path.name}.synced-{time.strftime('%Y%m%d-%H%M%S')}"))
+    return len(records)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ifsearch.tracking",
+        description="Upload MLflow logging a sweep kept locally while the server was down.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sync = sub.add_parser("sync", help="apply a spool file (the launcher prints its path)")
+    sync.add_argument("spool", type=Path, help="e.g. runs/sweeps/NAME/mlflow_spool.jsonl")
+    sync.add_argument("--mlflow-uri", default=None,
+                      help="server to upload to (default: the one the sweep used)")
+    args = parser.parse_args(argv)
+    try:
+        count = sync_spool(args.spool, args.mlflow_uri)
+    except IfsearchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"synced {count} records from {args.spool}")
+    return 0
 
 
 def error_reason(error_file: str) -> str:
@@ -268,3 +402,7 @@ def finish_parent_run(client: MlflowClient, parent_run_id: str, status: str = "F
     for name, directory in (artifact_dirs or {}).items():
         client.log_artifacts(parent_run_id, str(directory), artifact_path=name)
     client.set_terminated(parent_run_id, status=status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -268,3 +268,50 @@ def test_diverging_trial_fails_alone_with_its_reason(tmp_path, mlflow_server):
     assert parents[0].info.status == "FINISHED"
     best = load_config(tmp_path / "sweeps" / "nan" / "best_config.yaml")
     assert best.train.lr == pytest.approx(float(healthy.data.params["train.lr"]))
+
+
+@pytest.mark.slow
+def test_mlflow_outage_mid_sweep_is_spooled_and_synced(tmp_path):
+    """The server dies mid-sweep: training goes on, logging is kept locally with a warning,
+    and `python -m ifsearch.tracking sync` uploads it once the server is back."""
+    root = tmp_path / "mlflow"
+    url = start_local_server(root).url
+    proc = launch(tmp_path, url, "--name", "outage", wait=False)
+    client = MlflowClient(url)
+    try:
+        deadline = time.time() + 300
+        logged = []
+        while time.time() < deadline and not logged:
+            exp = client.get_experiment_by_name(tmp_path.name)
+            runs = [] if exp is None else client.search_runs(
+                [exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
+            logged = [r for r in runs if "val_loss" in r.data.metrics]
+            time.sleep(0.5)
+        assert logged, "no trial logged a metric in time"
+        stop_local_server(root)  # the outage
+        output, _ = proc.communicate(timeout=420)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        stop_local_server(root)
+    assert proc.returncode == 0, output[-4000:]
+    spool = tmp_path / "sweeps" / "outage" / "mlflow_spool.jsonl"
+    assert "is unreachable" in output and f"python -m ifsearch.tracking sync {spool}" in output
+    assert spool.exists() and (tmp_path / "sweeps" / "outage" / "best_config.yaml").exists()
+
+    url = start_local_server(root).url  # the server is back (same store, maybe another port)
+    try:
+        sync = subprocess.run([sys.executable, "-m", "ifsearch.tracking", "sync", str(spool),
+                               "--mlflow-uri", url], capture_output=True, text=True, timeout=300)
+        assert sync.returncode == 0, sync.stderr
+        assert not spool.exists()  # renamed to .synced-<time>: a second sync has nothing to do
+        client, parents, trials = sweep_runs(url, tmp_path.name, "outage")
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        assert "best_config.yaml" in {f.path for f in client.list_artifacts(parents[0].info.run_id)}
+        assert len(trials) == 4
+        for run in trials:
+            assert run.info.status in ("FINISHED", "KILLED")
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+            assert sorted(steps) == list(range(1, len(steps) + 1)) and steps  # none lost or doubled
+    finally:
+        stop_local_server(root)
