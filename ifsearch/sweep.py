@@ -195,8 +195,11 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
             parameter_columns=list(plan.space.params)[:6],
             metric=plan.metric, mode=plan.mode, sort_by_metric=True, max_report_frequency=15,
         )
+        # A trial whose own process dies is restarted once; its Train run (same name) resumes
+        # from the last checkpoint. Worker deaths are retried inside Train (trainables/).
         run_config = tune.RunConfig(name=plan.name, storage_path=plan.storage, callbacks=[logger],
-                                    progress_reporter=reporter)
+                                    progress_reporter=reporter,
+                                    failure_config=tune.FailureConfig(max_failures=1))
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(

@@ -315,3 +315,47 @@ def test_mlflow_outage_mid_sweep_is_spooled_and_synced(tmp_path):
             assert sorted(steps) == list(range(1, len(steps) + 1)) and steps  # none lost or doubled
     finally:
         stop_local_server(root)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["ray::RayTrainWorker", "ray::ImplicitFunc"],
+                         ids=["train-worker", "trial-driver"])
+def test_killed_process_resumes_the_trial_from_its_checkpoint(tmp_path, mlflow_server, victim):
+    """SIGKILL a Train worker (Train restarts the worker group) or the trial's own process
+    (Tune restarts the trial): the trial resumes from its last checkpoint, its epochs continue
+    in the same MLflow run, and the sweep finishes."""
+    from ifsearch.tracking_server import process_tree
+
+    epochs = 8
+    proc = launch(tmp_path, mlflow_server, "--name", "faulty", "--num-samples", "1",
+                  "--max-epochs", str(epochs), "--scheduler", "fifo",
+                  "--set", "data.num_points=768", "--set", "data.train_scenes=18", wait=False)
+    client = MlflowClient(mlflow_server)
+    try:
+        deadline, run = time.time() + 300, None
+        while time.time() < deadline:  # kill once epoch 2 is logged (a checkpoint exists)
+            exp = client.get_experiment_by_name(tmp_path.name)
+            runs = [] if exp is None else client.search_runs(
+                [exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
+            if runs and runs[0].data.metrics.get("epoch_seconds") is not None and len(
+                    client.get_metric_history(runs[0].info.run_id, "val_loss")) >= 2:
+                run = runs[0]
+                break
+            time.sleep(0.2)
+        assert run is not None, "the trial never reached epoch 2"
+        pids = [p for p in process_tree(proc.pid)
+                if Path(f"/proc/{p}/cmdline").read_bytes().startswith(victim.encode())]
+        assert pids, f"no {victim} process under the launcher"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=420)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-4000:]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
+    assert steps[-1] == epochs and set(steps) == set(range(1, epochs + 1))
+    resumed = [m.value for m in client.get_metric_history(run.info.run_id, "start_epoch")]
+    assert max(resumed) > 1, "the trial started over instead of resuming its checkpoint"
