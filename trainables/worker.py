@@ -18,15 +18,18 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
     """
     config = config_from_dict(train_loop_config["config"], source="trial config")
     rank = ray_report.worker_rank()
-    # Each worker trains in a scratch directory; Ray's storage keeps the checkpoints.
-    output_dir = Path(tempfile.mkdtemp(prefix=f"ifsearch_{train_loop_config['trial_id']}_r{rank}_"))
-    config.train.output_dir = str(output_dir)
-    config.train.resume = ray_report.restore_latest_checkpoint(
-        output_dir, (CHECKPOINT_NAME, METRICS_NAME)
-    )
+    # Each worker trains in a scratch directory, removed at the end; Ray's storage keeps the
+    # checkpoints (report copies them there).
+    prefix = f"ifsearch_{train_loop_config['trial_id']}_r{rank}_"
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+        output_dir = Path(scratch)
+        config.train.output_dir = str(output_dir)
+        config.train.resume = ray_report.restore_latest_checkpoint(
+            output_dir, (CHECKPOINT_NAME, METRICS_NAME)
+        )
 
-    def report(metrics: dict, checkpoint: Path | None) -> None:
-        files = [checkpoint, output_dir / METRICS_NAME] if checkpoint else None
-        ray_report.report_epoch(metrics, files)
+        def report(metrics: dict, checkpoint: Path | None) -> None:
+            files = [checkpoint, output_dir / METRICS_NAME] if checkpoint else None
+            ray_report.report_epoch(metrics, files)
 
-    train_loop(config, report=report)
+        train_loop(config, report=report)
