@@ -47,12 +47,21 @@ TINY_SPACE = {
 }
 
 
+SECRET = "s3cr3t-ifsearch-test-token-7f2a"  # in the environment of every launched sweep
+
+
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+def mlflow_store(tmp_path_factory):
+    """(root, url) of a real local MLflow server for this module."""
     root = tmp_path_factory.mktemp("mlflow")
     server = start_local_server(root)
-    yield server.url
+    yield root, server.url
     stop_local_server(root)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(mlflow_store):
+    return mlflow_store[1]
 
 
 def launch(tmp_path, uri, *extra, timeout=420, wait=True):
@@ -61,7 +70,8 @@ def launch(tmp_path, uri, *extra, timeout=420, wait=True):
     cmd = [sys.executable, "-m", "ifsearch.launch", "--space", str(space),
            "--storage", str(tmp_path / "sweeps"), "--mlflow-uri", uri,
            "--experiment", tmp_path.name, "--max-concurrent", "2", *extra]
-    env = dict(os.environ, RAY_DEDUP_LOGS="0")
+    env = dict(os.environ, RAY_DEDUP_LOGS="0", IFSEARCH_TEST_SECRET=SECRET,
+               AWS_SECRET_ACCESS_KEY=SECRET, MLFLOW_TRACKING_TOKEN=SECRET)
     if not wait:
         return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -359,3 +369,33 @@ def test_killed_process_resumes_the_trial_from_its_checkpoint(tmp_path, mlflow_s
     assert steps[-1] == epochs and set(steps) == set(range(1, epochs + 1))
     resumed = [m.value for m in client.get_metric_history(run.info.run_id, "start_epoch")]
     assert max(resumed) > 1, "the trial started over instead of resuming its checkpoint"
+
+
+@pytest.mark.slow
+def test_no_secret_reaches_the_mlflow_store(mlflow_store, tmp_path):
+    """Credentials in the environment (and Ray's auth token) are never logged: scan every file
+    of the server's store (sqlite database and artifacts) after the sweeps of this module."""
+    root, url = mlflow_store
+    launch(tmp_path, url, "--name", "secret", "--num-samples", "1", "--max-epochs", "1")
+    secrets = [SECRET.encode()]
+    token = Path.home() / ".ray" / "auth_token"
+    if token.is_file() and token.read_text().strip():
+        secrets.append(token.read_text().strip().encode())
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".db" for p in files) and len(files) > 5
+    leaks = [str(p) for p in files for secret in secrets if secret in p.read_bytes()]
+    assert not leaks
+
+
+def test_more_gpus_than_the_machine_has_fails_fast(tmp_path, mlflow_server):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    started = time.time()
+    run = subprocess.run([sys.executable, "-m", "ifsearch.launch", "--gpus-per-worker", "1",
+                          "--mlflow-uri", mlflow_server, "--storage", str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 2
+    assert "a trial needs 1 GPUs but this machine has 0" in run.stderr, run.stderr
+    assert time.time() - started < 60 and "Traceback" not in run.stderr
