@@ -295,3 +295,28 @@ def test_class_targets_follow_the_strongest_claim():
 def test_criterion_rejects_mismatched_batch():
     with pytest.raises(ValueError, match="targets"):
         InfluencerCriterion(num_classes=3)(_outputs([torch.randn(5, 4)]), [])
+
+
+@pytest.mark.parametrize("mask_prob", ["sigmoid", "softmax"])
+def test_hand_written_backward_matches_numerical_gradients(mask_prob, monkeypatch):
+    """The (N, M) reductions have a hand-written backward: check it in float64, over several
+    CPU chunks, with an empty instance, overlapping masks and an explicit background."""
+    from torch.autograd import gradcheck
+
+    from ifsearch.losses import influencer
+
+    monkeypatch.setattr(influencer, "CPU_CHUNK_ELEMENTS", 16)  # 4 rows of 4 queries per chunk
+    torch.manual_seed(0)
+    x = (torch.randn(13, 4, dtype=torch.float64) * 3).requires_grad_()
+    masks = torch.rand(3, 13) > 0.5
+    masks[2] = False  # an empty instance
+    background = torch.rand(13) > 0.4
+
+    def terms(logits):
+        g, bg_sum, _, _ = influencer._MaskMatrixTerms.apply(logits, masks, background, mask_prob)
+        return g, bg_sum
+
+    assert gradcheck(terms, (x,), eps=1e-6, atol=1e-6)
+    loss = MaskInfluencerLoss(mask_prob=mask_prob, margin=1.5, temperature=0.7)
+    assert gradcheck(lambda z: loss.forward_masks(z, masks[:2], background)["loss"], (x,),
+                     eps=1e-6, atol=1e-6)

@@ -16,12 +16,12 @@ Everything is dense algebra on (K, N) x (N, M) products: no loop over instances,
 synchronisation when the instance membership is given as a (K, N) mask (the criterion's path).
 The softmax background slot has a fixed logit 0, so with M = 1 the softmax mode equals the sigmoid one.
 
-Speed (benchmarks/loss_speed.py): the only (N, M) work is in :class:`_MaskMatrixTerms`, which reduces
-the mask matrix to g (K, M) and the background sum with a hand-written backward, so no (N, M)
-intermediate is kept for autograd. In softmax mode log p_im = x_im - lse_i, so
-g_km = (sum_{i in S_k} x_im - sum_{i in S_k} lse_i) / |S_k| needs only the (N,) row log-sum-exps, and
-the background sum of p over the M queries is 1 - p(background slot) = 1 - exp(-lse_i), an (N,)
-quantity. On CPU the points are processed in chunks whose temporaries stay in the L2 cache.
+Speed (benchmarks/loss_speed.py): the only (N, M) work is in :class:`_MaskMatrixTerms`, which
+reduces the mask matrix to g (K, M) and the background sum with a hand-written backward, so no
+(N, M) intermediate is kept for autograd. In softmax mode log p_im = x_im - lse_i, so
+g_km = (sum_{i in S_k} x_im - sum_{i in S_k} lse_i) / |S_k| needs only the (N,) row
+log-sum-exps, and the background sum of p over the M queries is 1 - p(background slot) =
+1 - exp(-lse_i), an (N,) quantity. On CPU the points go through in large chunks.
 """
 
 from __future__ import annotations
@@ -126,15 +126,12 @@ class MaskInfluencerLoss(nn.Module):
         """
         # At least fp32, even when the model ran under bf16/fp16 autocast.
         logits = mask_logits.float() if mask_logits.dtype in LOW_PRECISION else mask_logits
-        if background is None:
-            background = ~instance_masks.any(dim=0)  # (N,)
-        counts = instance_masks.sum(dim=1).to(logits.dtype)  # (K,)
+        # g_km, the log geometric mean of p_im over the points of instance k, the summed probability
+        # of every query over the background points, and the point counts of instances/background.
+        g, bg_prob_sum, counts, num_background = _MaskMatrixTerms.apply(
+            logits, instance_masks, background, self.mask_prob
+        )  # (K, M), (), (K,), ()
         valid = (counts > 0).to(logits.dtype)  # (K,) empty instances take no part
-        # g_km, the log geometric mean of p_im over the points of instance k, and the summed
-        # probability of every query over the background points.
-        g, bg_prob_sum = _MaskMatrixTerms.apply(
-            logits, instance_masks, background, counts.clamp(min=1), self.mask_prob
-        )  # (K, M), ()
 
         # Attraction: some query claims all of instance k.
         t = self.temperature
@@ -154,7 +151,7 @@ class MaskInfluencerLoss(nn.Module):
 
         # Background: mean probability any query gives to a background point.
         num_queries = logits.shape[1]
-        denominator = (background.sum() * num_queries).clamp(min=1)
+        denominator = (num_background * num_queries).clamp(min=1)
         background_term = bg_prob_sum / denominator
 
         loss = (
@@ -171,9 +168,13 @@ class MaskInfluencerLoss(nn.Module):
         }
 
 
-# Elements of the (N, M) mask matrix per chunk on CPU: 2^17 fp32 values are 512 KiB, so a chunk and
-# its one or two temporaries stay in a 2 MiB L2 cache. GPUs take the whole matrix at once.
-CPU_CHUNK_ELEMENTS = 1 << 17
+# Elements of the (N, M) mask matrix per chunk on CPU (2^22 fp32 values are 16 MiB). Chunks bound
+# the temporaries (exp, sigmoid) to one chunk. At N=20k, M=400 on one thread, chunks of 2^17..2^22
+# elements were 10-20% faster than whole-matrix ops; but with other processes competing for the two
+# cores, each op, however small, can cost a scheduler time slice (two OpenMP threads must both run),
+# and small chunks (many ops) were then 2-4x slower. 2^22 keeps the op count low.
+# GPUs take the whole matrix at once.
+CPU_CHUNK_ELEMENTS = 1 << 22
 
 
 def _row_chunks(x: torch.Tensor) -> list[slice]:
@@ -185,67 +186,100 @@ def _row_chunks(x: torch.Tensor) -> list[slice]:
     return [slice(start, min(start + rows, n)) for start in range(0, n, rows)]
 
 
-class _MaskMatrixTerms(torch.autograd.Function):
-    """The two reductions of the (N, M) mask matrix the loss needs, with a fused backward.
+# Below this logit, log sigmoid(x) = x - log1p(exp(x)) equals x to within exp(-30) ~ 1e-13, and
+# sigmoid(x) heads for fp32 underflow (exp(-88)), where log(sigmoid(x)) loses precision or is -inf.
+LOG_SIGMOID_LINEAR_BELOW = -30.0
 
-    forward(x (N, M), masks (K, N) bool, background (N,) bool, counts (K,) >= 1, mask_prob) returns
-    g = (masks @ log p) / counts, (K, M), and the background sum sum_{i in bg, m} p_im, ().
+
+def _log_sigmoid_from(prob: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """log sigmoid(x) from p = sigmoid(x), in place on ``prob``.
+
+    log(p) plus a fix-up of the far negative tail is several times faster than F.logsigmoid on
+    CPU (whose kernel also writes a second (N, M) buffer), and p is needed anyway for the
+    background term.
+    """
+    log_p = prob.log_()
+    # On CPU, reading the chunk's minimum (no host sync there) is cheaper than the fix-up, which
+    # real logits rarely need.
+    if logits.device.type != "cpu" or logits.amin() < LOG_SIGMOID_LINEAR_BELOW:
+        torch.where(logits < LOG_SIGMOID_LINEAR_BELOW, logits, log_p, out=log_p)
+    return log_p
+
+
+class _MaskMatrixTerms(torch.autograd.Function):
+    """The reductions of the (N, M) mask matrix the loss needs, with a hand-written backward.
+
+    forward(x (N, M), masks (K, N) bool, background (N,) bool or None, mask_prob) returns
+    g = (masks @ log p) / counts, (K, M); the background sum sum_{i in bg, m} p_im, (); and, not
+    differentiable, counts (K,) and the number of background points (), both in x's dtype.
+    ``background=None`` means the points in no instance.
 
     Softmax: lse_i = log(1 + sum_m exp(x_im)) (the background slot has logit 0), log p = x - lse,
     so g = (masks @ x - masks @ lse) / counts and sum_m p_im = 1 - exp(-lse_i):
     d/dx_im = (masks^T D)_im + a_i p_im with D = dL/dg / counts and
-    a_i = -(masks^T D 1)_i + dL/dB bg_i exp(-lse_i); p_im = exp(x_im - lse_i) is recomputed, chunk by
-    chunk, rather than stored. Sigmoid: log p = logsigmoid(x), d log p / dx = 1 - s, dp/dx = s (1 - s)
-    with s = sigmoid(x), so d/dx = (1 - s) * ((masks^T D) + dL/dB bg_i s).
-    Only (N,) row statistics are saved for the backward (softmax) or nothing (sigmoid).
+    a_i = -(masks^T D 1)_i + dL/dB bg_i exp(-lse_i); p_im = exp(x_im - lse_i) is recomputed chunk by
+    chunk rather than stored. Sigmoid: with s = sigmoid(x), d log s / dx = 1 - s and
+    ds/dx = s (1 - s), so d/dx = (1 - s) * (masks^T D + dL/dB bg_i s). Besides the inputs, only
+    (N,) vectors and the (K, N) membership as floats are saved for the backward. Few ops per chunk:
+    under CPU contention each op, however small, can cost a scheduler time slice.
     """
 
     @staticmethod
-    def forward(ctx, x, masks, background, counts, mask_prob):  # noqa: D102
-        num_instances, (n, m) = masks.shape[0], x.shape
-        total = x.new_zeros(num_instances, m)  # (K, M) sum over each instance of log p
-        bg_sum = x.new_zeros(())
-        lse_total = x.new_zeros(num_instances)  # (K,) softmax: sum over each instance of lse
-        lse = x.new_empty(n) if mask_prob == "softmax" else None  # (N,)
-        for rows in _row_chunks(x):
-            xc = x[rows]  # (n_c, M)
-            member = masks[:, rows].to(x.dtype)  # (K, n_c): a chunk, never the whole (K, N)
-            bg = background[rows].to(x.dtype)  # (n_c,)
-            if mask_prob == "softmax":
-                lse_c = torch.logaddexp(torch.logsumexp(xc, dim=1), xc.new_zeros(()))  # (n_c,)
-                lse[rows] = lse_c
-                total.addmm_(member, xc)
-                lse_total.add_(member @ lse_c)
-                bg_sum = bg_sum - bg @ torch.expm1(-lse_c)  # sum_m p_im = 1 - exp(-lse_i)
-            else:
-                log_p = F.logsigmoid(xc)  # (n_c, M)
-                total.addmm_(member, log_p)
-                bg_sum = bg_sum + (bg @ log_p.exp_()).sum()
-        ctx.mask_prob = mask_prob
-        ctx.save_for_backward(x, masks, background, counts, lse)
+    def forward(ctx, x, masks, background, mask_prob):  # noqa: D102
+        n, m = x.shape
+        member = masks.to(x.dtype)  # (K, N): one copy, 1/M of the logits, sliced per chunk
+        if background is None:
+            background = ~masks.any(dim=0)  # (N,)
+        bg = background.to(x.dtype)  # (N,)
+        total = x.new_zeros(member.shape[0], m)  # (K, M) sum over each instance of log p
         if mask_prob == "softmax":
-            total.sub_(lse_total[:, None])
-        return total / counts[:, None], bg_sum
+            # lse_i = log(1 + sum_m exp(x_im)) = c_i + log(exp(-c_i) + sum_m exp(x_im - c_i)) with
+            # c_i = max(0, max_m x_im), so that neither the exp nor an all -inf row overflows.
+            shift, sum_exp = x.new_empty(n), x.new_empty(n)  # (N,) c_i, sum_m exp(x_im - c_i)
+            for rows in _row_chunks(x):
+                xc = x[rows]  # (n_c, M)
+                total.addmm_(member[:, rows], xc)
+                c = torch.amax(xc, dim=1, out=shift[rows]).clamp_(min=0.0)  # (n_c,)
+                torch.sum(torch.sub(xc, c[:, None]).exp_(), dim=1, out=sum_exp[rows])
+            lse = shift + torch.log(sum_exp + torch.exp(-shift))  # (N,)
+            total.sub_((member @ lse)[:, None])
+            bg_sum = -(bg @ torch.expm1(-lse))  # sum_m p_im = 1 - exp(-lse_i)
+        else:
+            lse = None
+            bg_per_query = x.new_zeros(m)  # (M,)
+            for rows in _row_chunks(x):
+                xc = x[rows]  # (n_c, M)
+                prob = torch.sigmoid(xc)  # (n_c, M)
+                bg_per_query.addmv_(prob.T, bg[rows])
+                total.addmm_(member[:, rows], _log_sigmoid_from(prob, xc))
+            bg_sum = bg_per_query.sum()
+        counts = member.sum(dim=1)  # (K,)
+        safe_counts = counts.clamp(min=1)
+        ctx.mask_prob = mask_prob
+        num_background = bg.sum()
+        ctx.mark_non_differentiable(counts, num_background)
+        ctx.save_for_backward(x, member, bg, safe_counts, lse)
+        return total / safe_counts[:, None], bg_sum, counts, num_background
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_g, grad_bg):  # noqa: D102
-        x, masks, background, counts, lse = ctx.saved_tensors
+    def backward(ctx, grad_g, grad_bg, _grad_counts, _grad_num_background):  # noqa: D102
+        x, member, bg, counts, lse = ctx.saved_tensors
         grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)  # (N, M)
         scaled = (grad_g / counts[:, None]).to(x.dtype)  # (K, M) dL/d(sum over instance)
         if ctx.mask_prob == "softmax":
-            row_sum = scaled.sum(dim=1)  # (K,)
+            # a_i = dL/dB bg_i exp(-lse_i) - sum_k member_ki sum_m scaled_km, (N,)
+            coef = torch.addmv(bg * grad_bg * torch.exp(-lse), member.T, scaled.sum(dim=1),
+                               alpha=-1.0)
+        else:
+            bg_grad = bg * grad_bg  # (N,)
         for rows in _row_chunks(x):
             xc, out = x[rows], grad_x[rows]  # (n_c, M)
-            member = masks[:, rows].to(x.dtype)  # (K, n_c)
-            bg = background[rows].to(x.dtype) * grad_bg  # (n_c,)
-            torch.mm(member.T, scaled, out=out)
+            torch.mm(member[:, rows].T, scaled, out=out)
             if ctx.mask_prob == "softmax":
-                lse_c = lse[rows]
-                coef = bg * torch.exp(-lse_c) - member.T @ row_sum  # (n_c,) a_i
-                out.addcmul_(coef[:, None], (xc - lse_c[:, None]).exp_())
+                out.addcmul_(coef[rows, None], torch.sub(xc, lse[rows, None]).exp_())
             else:
-                s = torch.sigmoid(xc)  # (n_c, M)
-                out.addcmul_(bg[:, None], s)
-                out.mul_(s.neg_().add_(1.0))
-        return grad_x, None, None, None, None
+                prob = torch.sigmoid(xc)  # (n_c, M)
+                out.addcmul_(bg_grad[rows, None], prob)  # member^T D + dL/dB bg s
+                out.addcmul_(out, prob, value=-1.0)  # ... times (1 - s)
+        return grad_x, None, None, None
