@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from report import IMAGES, markdown_table, write_section  # noqa: E402
+from report import IMAGES, markdown_table, save_figure, write_section  # noqa: E402
 
 from ifsearch.config import LossConfig  # noqa: E402
 from ifsearch.losses import build_criterion  # noqa: E402
@@ -313,11 +313,7 @@ def plot(results: list[Result], path: Path) -> Path | None:
     ax.set_title(f"Loss time vs N (M={m0}, K={k0}, one decoder layer)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def section_body(results: list[Result], repeats: int, warmup: int, image: str | None,

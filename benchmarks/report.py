@@ -74,6 +74,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG (creating its folder) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_section(name: str, title: str, body: str, path: Path | None = None,
                   command: str | None = None) -> Path:
     """Replace (or append) section ``name`` of the benchmarks page with ``body``.

@@ -234,6 +234,8 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
         torch.set_rng_state(state["torch_rng"])
         start_epoch = state["epoch"] + 1
         print(f"resumed from {checkpoint_path} at epoch {state['epoch']}", flush=True)
+    if start_epoch == 1 and rank == 0:  # a fresh run: metrics of an earlier one would mix in
+        (output_dir / METRICS_NAME).unlink(missing_ok=True)
     ddp_model = DistributedDataParallel(model) if distributed else model
 
     metrics: dict[str, float] = {}

@@ -399,3 +399,39 @@ def test_more_gpus_than_the_machine_has_fails_fast(tmp_path, mlflow_server):
     assert run.returncode == 2
     assert "a trial needs 1 GPUs but this machine has 0" in run.stderr, run.stderr
     assert time.time() - started < 60 and "Traceback" not in run.stderr
+
+
+def _listening_hosts(port: int) -> set[str]:
+    """Addresses a local TCP port listens on, from /proc/net/tcp{,6} ('::' = every interface)."""
+    hosts = set()
+    for table, width in (("tcp", 8), ("tcp6", 32)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            address, port_hex = fields[1].split(":")
+            if fields[3] == "0A" and int(port_hex, 16) == port:  # 0A = LISTEN
+                if width == 8:
+                    hosts.add(".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+                else:
+                    hosts.add("::" if set(address) == {"0"} else address)
+    return hosts
+
+
+@pytest.mark.slow
+def test_mlflow_server_and_ray_dashboard_listen_on_loopback_only(mlflow_server):
+    import argparse
+    from urllib.parse import urlparse
+
+    import ray
+
+    from ifsearch.sweep import start_ray
+
+    assert _listening_hosts(urlparse(mlflow_server).port) == {"127.0.0.1"}
+    args = argparse.Namespace(address=None, workers_per_trial=1, cpus_per_worker=1.0,
+                              gpus_per_worker=0.0, max_concurrent=1)
+    start_ray(args)
+    try:
+        dashboard = ray._private.worker.global_worker.node.webui_url  # host:port
+        assert dashboard.startswith("127.0.0.1:")
+        assert _listening_hosts(int(dashboard.rsplit(":", 1)[1])) == {"127.0.0.1"}
+    finally:
+        ray.shutdown()

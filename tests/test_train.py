@@ -147,3 +147,12 @@ def test_divergence_stops_the_run_with_the_reason(tmp_path):
     with pytest.raises(DivergenceError, match=reason):
         train_loop(config)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no garbage epoch was recorded
+
+
+def test_fresh_run_replaces_the_metrics_of_an_earlier_one(tmp_path):
+    config = tiny_config(tmp_path, train={"epochs": 1, "resume": False},
+                         data={"train_scenes": 4, "val_scenes": 2})
+    train_loop(config)
+    train_loop(config)  # resume=false into the same folder: starts over
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1]
