@@ -202,7 +202,9 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     seed_everything(config.train.seed)
-    distributed = dist.is_available() and dist.is_initialized()
+    # A group of one (a single Ray Train worker) trains like the plain loop: DDP's gradient
+    # bucketing and all-reduce would only add copies.
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     output_dir = Path(config.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
