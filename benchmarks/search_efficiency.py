@@ -40,6 +40,7 @@ for _path in (str(BENCHMARKS), str(REPO)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from launcher import end_launcher, launcher_env  # noqa: E402
 from report import DOCS, IMAGES, markdown_table, save_figure, write_section  # noqa: E402
 
 SECTION = "search_efficiency"
@@ -184,37 +185,11 @@ def _count_reports(sweep_dir: Path) -> int:
     return total
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def _end_group(proc: subprocess.Popen, grace: float) -> None:
-    """Stop the launcher's process group (the launcher, its local Ray): SIGINT, then SIGKILL."""
-    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
-        if proc.poll() is not None and not _group_alive(proc.pid):
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + wait
-        while time.time() < deadline and (proc.poll() is None or _group_alive(proc.pid)):
-            time.sleep(0.5)
-
-
 STALL_HINT = (
-    "no new epoch report for {stall:.0f} s. Known cause: another Ray instance runs on this "
-    "machine, so Ray Train's PlacementGroupCleaner (its State API call auto-detects the cluster "
-    "and finds two) fails, the worker placement group of a trial the scheduler stopped is never "
-    "released, and the next trials wait for CPUs forever (the log repeats 'worker group "
-    "startup timed out'). Run the benchmark when no other Ray runs here (`ps aux | grep "
-    "gcs_server`). Log: {log}"
+    "no new epoch report for {stall:.0f} s; the end of the log says why. (Such a stall was "
+    "once caused by another Ray instance on the machine: Ray Train's placement-group cleaner "
+    "could not find its cluster and a stopped trial's CPUs were never freed; the launcher now "
+    "gives its processes RAY_ADDRESS.) Log: {log}"
 )
 
 
@@ -231,8 +206,6 @@ def run_sweep(searcher: str, scheduler: str, seed: int, *, space: Path, budget: 
            "search_efficiency", "--seed", str(seed)]
     for item in sets:
         cmd += ["--set", item]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     log_path = workdir / f"{name}.log"
     log(f"{name}: {num_samples} trials x <= {max_epochs} epochs, stop at {budget} trial-epochs "
         f"(log: {log_path})")
@@ -241,7 +214,7 @@ def run_sweep(searcher: str, scheduler: str, seed: int, *, space: Path, budget: 
     with open(log_path, "w") as log_file:
         # Own session: the launcher and the local Ray it starts form one process group that we
         # can interrupt (SIGINT = Ctrl-C: Tune saves and the launcher exits normally) and reap.
-        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log_file,
+        proc = subprocess.Popen(cmd, cwd=workdir, env=launcher_env(), stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         reported, last_progress = 0, time.perf_counter()
         try:
@@ -263,7 +236,7 @@ def run_sweep(searcher: str, scheduler: str, seed: int, *, space: Path, budget: 
                     os.killpg(proc.pid, signal.SIGINT)
                 time.sleep(1.0)
         finally:
-            _end_group(proc, grace=90.0)
+            end_launcher(proc, grace=90.0)
     wall = time.perf_counter() - started
     if proc.returncode != 0 and not stopped:
         tail = "\n".join(log_path.read_text().splitlines()[-40:])

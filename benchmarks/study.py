@@ -46,6 +46,7 @@ for _path in (str(BENCHMARKS), str(REPO)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from launcher import end_launcher, launcher_env  # noqa: E402
 from report import DOCS, IMAGES, markdown_table, save_figure, write_section  # noqa: E402
 
 SECTION = "study"
@@ -140,34 +141,6 @@ class Clock:
         print(f"[{minutes:02d}:{seconds:02d}] {text}", flush=True)
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def _end_group(proc: subprocess.Popen, grace: float = 60.0) -> None:
-    """Reap the launcher's process group (the launcher and its local Ray): SIGINT, then harder.
-
-    A launcher that finished has already shut its Ray down; this only acts on an interrupted or
-    failed one (SIGINT = Ctrl-C: Tune saves its state and the launcher exits normally).
-    """
-    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
-        if proc.poll() is not None and not _group_alive(proc.pid):
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + wait
-        while time.time() < deadline and (proc.poll() is None or _group_alive(proc.pid)):
-            time.sleep(0.5)
-
-
 def _last_status(log_path: Path) -> str:
     """The newest "Number of trials: ..." line of Tune's progress table, if any."""
     try:
@@ -206,9 +179,8 @@ def _other_rays_note() -> str:
     others = other_ray_instances()
     if len(others) <= 1:  # our own sweep's
         return ""
-    return (f"{len(others)} local Ray instances are running on this machine; with more than one, "
-            "Ray Train's placement-group cleaner fails ('Found multiple active Ray "
-            "instances') and a stopped trial's resources are not freed. Run the study alone.")
+    return (f"{len(others)} local Ray instances are running on this machine and share its "
+            "CPUs; run the study alone.")
 
 
 def run_sweep(loss: str, budget: Budget, args: argparse.Namespace, work: Path, log: Clock,
@@ -223,8 +195,6 @@ def run_sweep(loss: str, budget: Budget, args: argparse.Namespace, work: Path, l
     for item in budget.sets:
         cmd += ["--set", item]
     cmd += args.launch_args
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     log_path = work / "logs" / f"sweep-{loss}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log(f"sweep {loss}: {SPACES[loss].name}, {budget.num_samples} trials x <= "
@@ -236,8 +206,8 @@ def run_sweep(loss: str, budget: Budget, args: argparse.Namespace, work: Path, l
         out.write("$ " + " ".join(cmd) + "\n")
         out.flush()
         # Own session: the launcher and its local Ray form one process group we can reap.
-        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=work, env=launcher_env(), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
             next_note, last_size, last_change = started + 60, -1, started
             while proc.poll() is None:
@@ -261,7 +231,7 @@ def run_sweep(loss: str, budget: Budget, args: argparse.Namespace, work: Path, l
                         f"the trials it finished. {_other_rays_note()}")
                     os.killpg(proc.pid, signal.SIGINT)
         finally:
-            _end_group(proc)
+            end_launcher(proc, grace=60.0)
     wall = time.perf_counter() - started
     # Exported files go to <storage>/<name> for a local storage, else <cwd>/runs/sweeps/<name>.
     folder = Path(storage) / name if "://" not in storage else work / "runs" / "sweeps" / name
@@ -765,8 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     others = other_ray_instances()
     if others:
         log(f"warning: {len(others)} other local Ray instance(s) running on this machine "
-            f"(gcs_server pids {others}): timings will be shared, and Ray Train's placement-group "
-            "cleaner fails while several instances run (a sweep may stall; see --stall-timeout)")
+            f"(gcs_server pids {others}): they share the CPUs, so timings will be disturbed")
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     sweeps = {loss: run_sweep(loss, budget, args, work, log, stamp) for loss in SPACES}

@@ -187,7 +187,7 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
         # The run config (MLflow logger, reporter) is restored from the experiment with it.
         tuner = tune.Tuner.restore(sweep_uri, trainable=trainable, resume_errored=True)
     else:
-        logger = MlflowTrialLogger(tracking_uri, args.experiment, plan.name, parent_run_id,
+        logger = MlflowTrialLogger(tracking_uri, args.experiment, plan.name,
                                    plan.space, plan.max_epochs,
                                    spool_path=local_dir / SPOOL_NAME)
         reporter = tune.CLIReporter(

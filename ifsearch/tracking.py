@@ -241,19 +241,17 @@ class MlflowTrialLogger(tune.Callback):
         tracking_uri: the MLflow server.
         experiment: MLflow experiment name.
         sweep: the sweep's name (Tune experiment name), tagged on every run.
-        parent_run_id: the sweep's parent run.
         space: resolves a trial's sampled values into its full config.
         max_epochs: the budget every trial would run without early stopping.
         spool_path: where records go while MLflow is unreachable.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, sweep: str, parent_run_id: str,
+    def __init__(self, tracking_uri: str, experiment: str, sweep: str,
                  space: SearchSpace, max_epochs: int, spool_path: Path | None = None,
                  retry_seconds: float = 30.0) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.sweep = sweep
-        self.parent_run_id = parent_run_id
         self.space = space
         self.max_epochs = max_epochs
         self.spool = Spool(spool_path or Path(tempfile.gettempdir()) / f"{sweep}.mlflow.jsonl",

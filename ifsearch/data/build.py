@@ -84,11 +84,6 @@ def build_datasets(config: Config) -> tuple[Dataset, Dataset]:
                            max_rooms=0, augment=d.augment, **common)
         return train, val
     if d.name == "coco":
-        for split in (d.train_split, d.val_split):
-            if not annotation_path(d.root, split).is_file():
-                raise DataError(
-                    f"data.root = {d.root!r}: no {annotation_path(d.root, split)}.\n{COCO_HINT}"
-                )
         common = dict(image_size=d.image_size, classes=d.classes)
         train = CocoInstances(d.root, d.train_split, max_images=d.train_scenes, **common)
         val = CocoInstances(d.root, d.val_split, max_images=d.val_scenes, **common)

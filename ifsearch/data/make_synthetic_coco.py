@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ifsearch.data.synthetic import check_int
 from ifsearch.errors import ConfigError, IfsearchError
 
 SYNTHETIC_CATEGORIES: tuple[dict, ...] = (
@@ -204,14 +205,6 @@ def _write_split(
     return dataset
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
-    """Reject non-integers (bools included) and values below ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-
-
 def make_synthetic_coco(
     out: str | Path,
     train_images: int = 128,
@@ -231,12 +224,12 @@ def make_synthetic_coco(
     Raises:
         ConfigError: for an invalid argument.
     """
-    _check_int("train_images", train_images, minimum=1)
-    _check_int("val_images", val_images, minimum=1)
-    _check_int("image_size", image_size, minimum=MIN_IMAGE_SIZE)
-    _check_int("seed", seed, minimum=0)
-    _check_int("min_objects", min_objects, minimum=1)
-    _check_int("max_objects", max_objects, minimum=1)
+    check_int("train_images", train_images, minimum=1)
+    check_int("val_images", val_images, minimum=1)
+    check_int("image_size", image_size, minimum=MIN_IMAGE_SIZE)
+    check_int("seed", seed, minimum=0)
+    check_int("min_objects", min_objects, minimum=1)
+    check_int("max_objects", max_objects, minimum=1)
     if min_objects > max_objects:
         raise ConfigError(
             f"min_objects ({min_objects}) must be <= max_objects ({max_objects}); "

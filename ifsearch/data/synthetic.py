@@ -295,11 +295,11 @@ class SyntheticScenes(Dataset):
         self.classes: tuple[str, ...] = _check_classes(classes)
         if split not in SPLIT_CODES:
             raise ConfigError(f"split must be one of {list(SPLIT_CODES)}, got {split!r}")
-        _check_int("num_scenes", num_scenes, minimum=1)
-        _check_int("num_points", num_points, minimum=MIN_NUM_POINTS)
-        _check_int("min_instances", min_instances, minimum=1)
-        _check_int("max_instances", max_instances, minimum=1)
-        _check_int("seed", seed, minimum=0)
+        check_int("num_scenes", num_scenes, minimum=1)
+        check_int("num_points", num_points, minimum=MIN_NUM_POINTS)
+        check_int("min_instances", min_instances, minimum=1)
+        check_int("max_instances", max_instances, minimum=1)
+        check_int("seed", seed, minimum=0)
         if min_instances > max_instances:
             raise ConfigError(
                 f"min_instances ({min_instances}) must be <= max_instances ({max_instances}); "
@@ -422,7 +422,7 @@ def _instance_budget(n_total: int) -> int:
     return n_total - round(_BACKGROUND_FRACTION * n_total)
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
+def check_int(name: str, value: object, minimum: int) -> None:
     """Reject non-integers (incl. bools and floats from YAML) and values below ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
