@@ -5,7 +5,10 @@ BIN    := $(VENV)/bin
 # CPU torch pin lives here, not in pyproject.toml (GPU users bring their own torch).
 CONSTRAINTS ?= constraints-cpu.txt
 
-.PHONY: demo test install benchmarks clean
+# PostgreSQL (Debian's packages) backs the MLflow server of the multi-node cluster test.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test install postgres rehearsal benchmarks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -20,8 +23,18 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/python -m ifsearch.launch
 
-test: install
+test: install postgres
 	$(BIN)/python -m pytest tests
+
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
+	  echo "installing PostgreSQL from Debian's packages"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
+
+# deploy/README.md on this machine: Postgres-backed MLflow, a 2-node Ray cluster, `ray job submit`.
+rehearsal: install postgres
+	$(BIN)/python -m ifsearch.local_cluster
 
 # Every benchmark in turn (one at a time: they time things), refreshing docs/benchmarks.md.
 benchmarks: install

@@ -8,6 +8,7 @@ and printing the best config. Everything is validated before Ray starts.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ from ifsearch.tracking_server import check_tracking_uri, running_server, start_l
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "influencer_default.yaml"
 RUNS_DIR = Path("runs")
+STORAGE_ENV = "IFSEARCH_STORAGE"  # default --storage, e.g. set once on every cluster node
 PROGRESS_METRICS = ("epoch", "AP50", "AP", "AP25", "val_loss", "duplicate_rate", "epoch_seconds")
 
 
@@ -52,11 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs each worker reserves (also its torch thread count)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="GPUs each worker reserves (0 = CPU training)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to join: 'auto' or host:port; default starts a local Ray")
-    p.add_argument("--storage", default=None,
+    p.add_argument("--worker-resource", dest="worker_resources", action="append", default=[],
+                   metavar="NAME=AMOUNT",
+                   help="a custom Ray resource each worker also reserves (repeatable), e.g. "
+                        "--worker-resource trainer=1 to keep training on the nodes started "
+                        "with `ray start --resources '{\"trainer\": 4}'`; needs --address")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster to join: 'auto' or host:port (default: $RAY_ADDRESS, which "
+                        "`ray job submit` sets; without it a local Ray is started)")
+    p.add_argument("--wait-for-nodes", type=float, default=0.0, metavar="SECONDS",
+                   help="on an autoscaling cluster: when no live node can hold a worker yet, "
+                        "ask the autoscaler for one and wait this long (0 = fail at once)")
+    p.add_argument("--storage", default=os.environ.get(STORAGE_ENV),
                    help="where Tune/Train keep experiment state and checkpoints: a local dir "
-                        "(default runs/sweeps) or a shared path/URI (s3://..., NFS) on clusters")
+                        "or a path/URI every node shares (s3://..., NFS) on clusters "
+                        f"(default: ${STORAGE_ENV}, else runs/sweeps)")
     p.add_argument("--mlflow-uri", default=None,
                    help="MLflow tracking server (default: $MLFLOW_TRACKING_URI, else a local "
                         "server under runs/mlflow, started if needed and left running)")
@@ -95,11 +107,16 @@ class SweepPlan:
     metric: str
     mode: str
     warm_start: dict | None
+    worker_resources: dict[str, float]
 
 
 def plan_sweep(args: argparse.Namespace) -> SweepPlan:
     """Validate the space, CLI and warm-start file; pick the sweep name and storage."""
     space = load_search_space(args.space, args.overrides)
+    worker_resources = parse_worker_resources(args.worker_resources)
+    if worker_resources and not args.address:
+        raise ConfigError("--worker-resource needs a Ray cluster (--address or $RAY_ADDRESS): "
+                          "a local Ray has no custom resources")
     _absolute_data_paths(space)
     budget = space.budget
     if args.max_epochs is not None:  # the budget sets every trial's train.epochs
@@ -112,6 +129,8 @@ def plan_sweep(args: argparse.Namespace) -> SweepPlan:
                         ("--max-concurrent", args.max_concurrent or 1)):
         if value < 1:
             raise ConfigError(f"{flag} = {value}: must be >= 1")
+    if not args.wait_for_nodes >= 0:
+        raise ConfigError(f"--wait-for-nodes = {args.wait_for_nodes}: must be >= 0 seconds")
     storage = args.storage or str((RUNS_DIR / "sweeps").resolve())
     name = args.name
     if args.resume and name is None:
@@ -128,7 +147,27 @@ def plan_sweep(args: argparse.Namespace) -> SweepPlan:
         searcher=args.searcher or space.searcher["name"],
         seed=args.seed if args.seed is not None else space.searcher.get("seed", 0),
         metric=space.objective["metric"], mode=space.objective["mode"], warm_start=warm,
+        worker_resources=worker_resources,
     )
+
+
+def parse_worker_resources(items: list[str]) -> dict[str, float]:
+    """``["trainer=1", ...]`` -> ``{"trainer": 1.0}``; CPU/GPU have their own options."""
+    resources = {}
+    for item in items:
+        name, sep, amount = item.partition("=")
+        name = name.strip()
+        try:
+            value = float(amount)
+        except ValueError:
+            value = math.nan
+        if not sep or not name or not value > 0 or math.isinf(value):
+            raise ConfigError(f"--worker-resource {item!r}: expected NAME=AMOUNT with AMOUNT > 0, "
+                              "e.g. trainer=1")
+        if name.upper() in ("CPU", "GPU"):
+            raise ConfigError(f"--worker-resource {item!r}: use --{name.lower()}s-per-worker")
+        resources[name] = value
+    return resources
 
 
 def _absolute_data_paths(space: SearchSpace) -> None:

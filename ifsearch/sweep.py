@@ -8,6 +8,7 @@ import os
 import platform
 import signal
 import socket
+import time
 from pathlib import Path
 
 import optuna
@@ -84,40 +85,88 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_ray(args: argparse.Namespace) -> tuple[int, str]:
+def worker_bundle(args: argparse.Namespace, custom: dict[str, float] | None = None) -> dict:
+    """The Ray resources one Train worker reserves: CPU, GPU (if any) and custom resources."""
+    bundle = {"CPU": float(args.cpus_per_worker), **(custom or {})}
+    if args.gpus_per_worker:
+        bundle["GPU"] = float(args.gpus_per_worker)
+    return bundle
+
+
+def _fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
+    return all(node.get(name, 0.0) >= amount for name, amount in bundle.items())
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{amount:g} {name}" for name, amount in sorted(resources.items())
+                     if name in ("CPU", "GPU") or not name.startswith(("node:", "memory",
+                                                                        "object_store")))
+
+
+def wait_for_a_fitting_node(bundle: dict[str, float], address: str, wait: float) -> None:
+    """Return once a live node can hold one worker; ask the autoscaler and wait up to ``wait`` s.
+
+    A request that no node can satisfy would otherwise wait forever in Ray's queue.
+    """
+    def live_nodes() -> list[dict]:
+        return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+    if any(_fits(bundle, node) for node in live_nodes()):
+        return
+    if wait > 0:
+        from ray.autoscaler.sdk import request_resources
+
+        print(f"no node of {address} can hold a worker ({_describe(bundle)}) yet; asking the "
+              f"autoscaler and waiting up to {wait:g} s (--wait-for-nodes)", flush=True)
+        request_resources(bundles=[bundle])
+        deadline = time.monotonic() + wait
+        try:
+            while time.monotonic() < deadline:
+                if any(_fits(bundle, node) for node in live_nodes()):
+                    return
+                time.sleep(min(5.0, wait / 10))
+        finally:
+            request_resources(bundles=[])  # the trials' own requests drive scaling from here
+    nodes = "; ".join(_describe(node) for node in live_nodes()) or "none"
+    raise IfsearchError(
+        f"each worker asks for {_describe(bundle)} but no node of {address} has that "
+        f"(live nodes: {nodes}); lower --cpus-per-worker/--gpus-per-worker, check "
+        "--worker-resource against the nodes' `ray start --resources`, or, on an autoscaling "
+        "cluster whose workers are not up yet, pass --wait-for-nodes SECONDS"
+    )
+
+
+def start_ray(args: argparse.Namespace,
+              worker_resources: dict[str, float] | None = None) -> tuple[int, str]:
     """Join --address, or start a local Ray; return (max concurrent trials, description).
 
     Tune does not count Train's worker resources, so concurrency is bounded here from what the
     workers need. Locally the drivers are idle while their workers train, so Ray gets one extra
     logical CPU per concurrent trial and the log says so. A request no node can ever satisfy is
-    refused here instead of waiting forever.
+    refused here instead of waiting forever. On a cluster an explicit --max-concurrent may
+    exceed what the live nodes hold (the autoscaler adds nodes for pending workers).
     """
     workers, cpus, gpus = args.workers_per_trial, args.cpus_per_worker, args.gpus_per_worker
     if args.address:
         ray.init(address=args.address)
+        bundle = worker_bundle(args, worker_resources)
+        wait_for_a_fitting_node(bundle, args.address, args.wait_for_nodes)
         total = ray.cluster_resources()
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        biggest_cpu = max((n.get("CPU", 0) for n in nodes), default=0)
-        biggest_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
-        if cpus > biggest_cpu or gpus > biggest_gpu:
+        per_trial = {name: workers * amount for name, amount in bundle.items()}
+        per_trial["CPU"] += DRIVER_CPUS
+        fit = int(min(total.get(name, 0.0) // amount for name, amount in per_trial.items()))
+        if fit < 1 and not args.wait_for_nodes:
             raise IfsearchError(
-                f"each worker asks for {cpus} CPU / {gpus} GPU but the largest node at "
-                f"{args.address} has {biggest_cpu} CPU / {biggest_gpu} GPU; lower "
-                "--cpus-per-worker/--gpus-per-worker"
-            )
-        by_cpu = total.get("CPU", 0) // (DRIVER_CPUS + workers * cpus)
-        by_gpu = total.get("GPU", 0) // (workers * gpus) if gpus else math.inf
-        fit = int(min(by_cpu, by_gpu))
-        if fit < 1:
-            raise IfsearchError(
-                f"one trial needs {DRIVER_CPUS + workers * cpus:g} CPU and {workers * gpus:g} "
-                f"GPU but the cluster has {total.get('CPU', 0):g} CPU and "
-                f"{total.get('GPU', 0):g} GPU; lower --workers-per-trial or the per-worker "
-                "resources"
-            )
-        concurrent = min(args.max_concurrent or fit, fit)
-        return concurrent, f"Ray cluster {args.address}: {total.get('CPU', 0):g} CPU, " \
-                           f"{total.get('GPU', 0):g} GPU"
+                f"one trial reserves {_describe(per_trial)} (driver + {workers} worker(s)) but "
+                f"the cluster at {args.address} has {_describe(total)}; lower "
+                "--workers-per-trial or the per-worker resources, or pass --wait-for-nodes on "
+                "an autoscaling cluster")
+        concurrent = args.max_concurrent or max(fit, 1)
+        note = (f"Ray cluster {args.address}: {_describe(total)}; one trial reserves "
+                f"{_describe(per_trial)} (driver + {workers} worker(s)), {fit} fit now")
+        if concurrent > fit:
+            note += f"; --max-concurrent {concurrent} relies on the autoscaler for the rest"
+        return concurrent, note
     cores = os.cpu_count() or 1
     import torch
 
@@ -154,7 +203,7 @@ def start_ray(args: argparse.Namespace) -> tuple[int, str]:
 
 def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> int:
     """Run (or resume) the sweep and export the best config; returns the exit code."""
-    concurrent, where = start_ray(args)
+    concurrent, where = start_ray(args, plan.worker_resources)
     print(where, flush=True)
     # Storage may be a URI (s3://...): join it as text. Exported files always go to a local dir.
     sweep_uri = f"{plan.storage.rstrip('/')}/{plan.name}"
@@ -162,7 +211,7 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
     settings = TrialSettings(
         space=plan.space, num_workers=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-        storage_path=f"{sweep_uri}/train",
+        custom_resources=plan.worker_resources, storage_path=f"{sweep_uri}/train",
     )
     client = MlflowClient(tracking_uri)
     parent_params = {
@@ -171,7 +220,9 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
         "grace_period": plan.grace_period, "metric": plan.metric, "mode": plan.mode,
         "seed": plan.seed, "workers_per_trial": args.workers_per_trial,
         "cpus_per_worker": args.cpus_per_worker, "gpus_per_worker": args.gpus_per_worker,
-        "max_concurrent": concurrent, "overrides": " ".join(args.overrides),
+        "worker_resources": ",".join(f"{k}={v:g}" for k, v in plan.worker_resources.items()),
+        "ray_address": args.address or "local", "max_concurrent": concurrent,
+        "overrides": " ".join(args.overrides),
         "host": platform.node(), **environment_params(),
     }
     parent_run_id = find_or_create_parent_run(client, args.experiment, plan.name, parent_params,

@@ -22,7 +22,7 @@ from typing import Any
 import mlflow
 import requests
 import yaml
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -37,9 +37,13 @@ ROLE_TAG = "ifsearch.role"
 TRIAL_TAG = "ifsearch.trial_id"
 TRIAL_NUMBER_TAG = "ifsearch.trial_number"  # creation order: 1 = the first trial evaluated
 INTERRUPTED_TAG = "ifsearch.interrupted"  # on runs a SIGINT/SIGTERM left unfinished
+# Where a trial's rank-0 Train worker ran (reported by trainables/ as worker_node_id/_host).
+WORKER_NODE_TAG = "ifsearch.worker_node_id"
+WORKER_HOST_TAG = "ifsearch.worker_host"
 # Tune's own bookkeeping, never a model metric ("epoch" is the step, not a metric).
 NOT_METRICS = set(AUTO_RESULT_KEYS) | set(DEBUG_METRICS) | {
     "epoch", "done", "checkpoint_path", "should_checkpoint", "warmup_time",
+    "worker_node_id", "worker_host",
 }
 MAX_PARAM_LENGTH = 500
 # What an unreachable or failing server raises through MlflowClient.
@@ -190,7 +194,8 @@ class RunWriter:
     def _result(self, record: dict) -> None:
         metrics = [Metric(k, v, record["timestamp"], record["step"])
                    for k, v in record["metrics"].items()]
-        self.client.log_batch(self.trial_run(record), metrics=metrics)
+        self.client.log_batch(self.trial_run(record), metrics=metrics,
+                              tags=[RunTag(k, v) for k, v in record.get("tags", {}).items()])
 
     def _end(self, record: dict) -> None:
         run_id = self.trial_run(record)
@@ -260,6 +265,7 @@ class MlflowTrialLogger(tune.Callback):
         self._writer: RunWriter | None = None
         self._spooled: set[str] = set()  # trials with spooled records: keep their order
         self._down_since: float | None = None
+        self._worker_nodes: dict[str, str] = {}  # trial id -> node its rank-0 worker ran on
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment
         return {**self.__dict__, "_writer": None}
@@ -297,8 +303,14 @@ class MlflowTrialLogger(tune.Callback):
             and not isinstance(value, bool) and math.isfinite(value)
         }
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        self._send({"kind": "result", "trial_id": trial.trial_id, "step": step,
-                    "timestamp": int(time.time() * 1000), "metrics": metrics})
+        record = {"kind": "result", "trial_id": trial.trial_id, "step": step,
+                  "timestamp": int(time.time() * 1000), "metrics": metrics}
+        node = result.get("worker_node_id")
+        if node and self._worker_nodes.get(trial.trial_id) != node:  # first, or restarted
+            self._worker_nodes[trial.trial_id] = node
+            record["tags"] = {WORKER_NODE_TAG: str(node),
+                              WORKER_HOST_TAG: str(result.get("worker_host", ""))}
+        self._send(record)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}

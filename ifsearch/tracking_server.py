@@ -8,6 +8,7 @@ it runs ``python -m mlflow server`` bound to 127.0.0.1 with a sqlite backend
 The documented way to manage that server by hand::
 
     python -m ifsearch.tracking_server start  [--root runs/mlflow] [--port 5000]
+                                              [--backend-store-uri postgresql://...]
     python -m ifsearch.tracking_server status [--root runs/mlflow]
     python -m ifsearch.tracking_server stop   [--root runs/mlflow]
 
@@ -205,7 +206,7 @@ def _group_alive(pgid: int) -> bool:
     return any(_pid_alive(pid) for pid in _group_members(pgid)) or _pid_alive(pgid)
 
 
-def _processes() -> list[tuple[int, int, int]]:
+def live_processes() -> list[tuple[int, int, int]]:
     """(pid, parent pid, process group) of every live process, from Linux ``/proc``.
 
     Zombies are left out: they have exited, as ``_pid_alive`` also says.
@@ -223,7 +224,7 @@ def _processes() -> list[tuple[int, int, int]]:
 
 
 def _group_members(pgid: int) -> list[int]:
-    return [pid for pid, _, group in _processes() if group == pgid]
+    return [pid for pid, _, group in live_processes() if group == pgid]
 
 
 def _cmdline(pid: int) -> str:
@@ -237,7 +238,7 @@ def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants (Linux ``/proc``); empty when ``pid`` is gone."""
     children: dict[int, list[int]] = {}
     live = set()
-    for child, parent, _ in _processes():
+    for child, parent, _ in live_processes():
         live.add(child)
         children.setdefault(parent, []).append(child)
     if pid not in live:
@@ -330,11 +331,15 @@ def start_local_server(
     *,
     workers: int = DEFAULT_WORKERS,
     small: bool = True,
+    backend_store_uri: str | None = None,
 ) -> LocalServer:
     """Start (or reuse) a local ``mlflow server`` that keeps its state under ``root``.
 
     ``root/mlflow.db`` (sqlite backend), ``root/artifacts`` (proxied artifact store),
     ``root/server.json`` (pid, url, port), ``root/server.log`` (server output).
+    ``backend_store_uri`` replaces the sqlite file with another database, e.g.
+    ``postgresql://user@127.0.0.1:5432/mlflow`` (password from ``$PGPASSWORD`` rather than the
+    URI; a password in the URI is masked in ``server.json`` and the log).
 
     Reuse: if ``root/server.json`` names a live pid whose ``/health`` answers, that server is
     returned and no other is started. Otherwise the port is ``port`` if given, else 5000 when
@@ -357,13 +362,23 @@ def start_local_server(
     with open(root / ".server.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return _start_locked(root, host, port, timeout, workers, small)
+            return _start_locked(root, host, port, timeout, workers, small, backend_store_uri)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def redact_uri(uri: str) -> str:
+    """``scheme://user:secret@host/db`` -> ``scheme://user:***@host/db``; other text unchanged."""
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.scheme or parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 def _start_locked(
-    root: Path, host: str, port: int | None, timeout: float, workers: int, small: bool
+    root: Path, host: str, port: int | None, timeout: float, workers: int, small: bool,
+    backend_store_uri: str | None,
 ) -> LocalServer:
     log_path = root / _LOG_FILE
     state = _read_state(root)
@@ -397,19 +412,20 @@ def _start_locked(
     artifacts.mkdir(exist_ok=True)
     command = [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root / _DB_FILE}",
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{root / _DB_FILE}",
         "--artifacts-destination", str(artifacts),
         "--host", host,
         "--port", str(port),
         "--workers", str(workers),
     ]  # fmt: skip
+    shown = " ".join(redact_uri(part) for part in command)  # for logs, state and errors
     env = dict(os.environ)
     if small:
         env.update(SMALL_SERVER_ENV)
     env.pop("MLFLOW_TRACKING_URI", None)  # the server is the store; do not point it elsewhere
 
     with open(log_path, "ab") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shown}\n".encode())
         log.flush()
         proc = subprocess.Popen(
             command,
@@ -429,7 +445,7 @@ def _start_locked(
             "host": host,
             "root": str(root),
             "log": str(log_path),
-            "command": command,
+            "command": shown,
             "started_at": time.time(),
         },
     )
@@ -440,7 +456,7 @@ def _start_locked(
             (root / _STATE_FILE).unlink(missing_ok=True)
             raise TrackingServerError(
                 f"The MLflow server exited with code {proc.returncode} before answering "
-                f"{url}/health.\nCommand: {' '.join(command)}\nLast lines of {log_path}:\n"
+                f"{url}/health.\nCommand: {shown}\nLast lines of {log_path}:\n"
                 f"{_log_tail(log_path)}"
             )
         if _health_ok(url, timeout=1.0):
@@ -451,7 +467,7 @@ def _start_locked(
             (root / _STATE_FILE).unlink(missing_ok=True)
             raise TrackingServerError(
                 f"The MLflow server did not answer {url}/health within {timeout:.0f} s; it was "
-                f"stopped.\nCommand: {' '.join(command)}\nLast lines of {log_path}:\n"
+                f"stopped.\nCommand: {shown}\nLast lines of {log_path}:\n"
                 f"{_log_tail(log_path)}"
             )
         time.sleep(0.25)
@@ -510,12 +526,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="port (default: 5000 or a free one)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="bind address (default: 127.0.0.1)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for /health")
+    parser.add_argument("--backend-store-uri", default=None,
+                        help="database for runs instead of <root>/mlflow.db, e.g. "
+                             "postgresql://USER@HOST:PORT/DB (password in $PGPASSWORD)")
     args = parser.parse_args(argv)
     root = args.root.resolve()
 
     try:
         if args.action == "start":
-            server = start_local_server(root, host=args.host, port=args.port, timeout=args.timeout)
+            server = start_local_server(root, host=args.host, port=args.port, timeout=args.timeout,
+                                        backend_store_uri=args.backend_store_uri)
             print(f"MLflow UI: {server.url}  (pid {server.pid}, log {server.log_path})")
             print(f"Stop it with: {_STOP_HINT.format(root=root)}")
             return 0

@@ -427,7 +427,7 @@ def test_mlflow_server_and_ray_dashboard_listen_on_loopback_only(mlflow_server):
 
     assert _listening_hosts(urlparse(mlflow_server).port) == {"127.0.0.1"}
     args = argparse.Namespace(address=None, workers_per_trial=1, cpus_per_worker=1.0,
-                              gpus_per_worker=0.0, max_concurrent=1)
+                              gpus_per_worker=0.0, max_concurrent=1, wait_for_nodes=0.0)
     start_ray(args)
     try:
         dashboard = ray._private.worker.global_worker.node.webui_url  # host:port

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -23,6 +23,8 @@ class TrialSettings:
         num_workers: Ray Train workers (DDP ranks) per trial.
         cpus_per_worker: CPUs each worker reserves (also its torch thread count).
         gpus_per_worker: GPUs each worker reserves (0 = CPU training).
+        custom_resources: custom Ray resources each worker also reserves (e.g. ``{"trainer":
+            1}`` keeps training on nodes started with that resource).
         storage_path: where Train keeps checkpoints; shared storage on clusters.
         max_failures: worker-group restarts from the last checkpoint before the trial fails.
     """
@@ -31,6 +33,7 @@ class TrialSettings:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    custom_resources: dict[str, float] = field(default_factory=dict)
     storage_path: str | None = None
     max_failures: int = 1
 
@@ -54,7 +57,8 @@ def train_driver_fn(sampled: dict, settings: TrialSettings) -> None:
             use_gpu=settings.gpus_per_worker > 0,
             resources_per_worker={"CPU": settings.cpus_per_worker,
                                   **({"GPU": settings.gpus_per_worker}
-                                     if settings.gpus_per_worker else {})},
+                                     if settings.gpus_per_worker else {}),
+                                  **settings.custom_resources},
         ),
         run_config=RunConfig(
             name=f"train_{trial_id}",

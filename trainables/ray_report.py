@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
+import ray
 import ray.train
 import ray.tune
 
@@ -13,6 +15,12 @@ import ray.tune
 def worker_rank() -> int:
     """This Ray Train worker's global rank."""
     return ray.train.get_context().get_world_rank()
+
+
+def worker_location() -> dict[str, str]:
+    """Where this worker runs: its Ray node id and host name (tagged on the trial's MLflow run)."""
+    return {"worker_node_id": ray.get_runtime_context().get_node_id(),
+            "worker_host": socket.gethostname()}
 
 
 def restore_latest_checkpoint(output_dir: Path, file_names: tuple[str, ...]) -> bool:

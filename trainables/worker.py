@@ -28,8 +28,10 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
             output_dir, (CHECKPOINT_NAME, METRICS_NAME)
         )
 
+        location = ray_report.worker_location()
+
         def report(metrics: dict, checkpoint: Path | None) -> None:
             files = [checkpoint, output_dir / METRICS_NAME] if checkpoint else None
-            ray_report.report_epoch(metrics, files)
+            ray_report.report_epoch({**metrics, **location}, files)
 
         train_loop(config, report=report)
