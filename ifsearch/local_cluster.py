@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 import uuid
-from unittest import mock
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from ifsearch.tracking_server import live_processes, start_local_server, stop_lo
 MARKER_ENV = "IFSEARCH_LOCAL_CLUSTER"  # in the environment of every process started here
 TRAINER_RESOURCE = "trainer"  # custom resource only the worker node has
 REPO = Path(__file__).resolve().parents[1]
-# The rehearsal's sweep: the test space (tiny scenes) is quick; two trials of two epochs.
+# The rehearsal's sweep: the default space on tiny scenes (an epoch takes about a second).
 REHEARSAL_SPACE = REPO / "search_spaces" / "influencer_default.yaml"
 REHEARSAL_SETTINGS = ("--set", "data.num_points=256", "--set", "data.train_scenes=8",
                       "--set", "data.val_scenes=4", "--set", "model.decoder_layers=1")
@@ -134,8 +133,9 @@ class Postgres:
     def psql(self, sql: str) -> str:
         """Run one SQL statement with ``psql``; its unaligned output."""
         run = subprocess.run(
-            [str(self.bin_dir / "psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", self.host, "-p",
-             str(self.port), "-U", self.user, "-d", self.database, "-c", sql],
+            [str(self.bin_dir / "psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+             "-h", self.host, "-p", str(self.port), "-U", self.user, "-d", self.database,
+             "-c", sql],
             env=dict(os.environ, PGPASSWORD=self.password), capture_output=True, text=True,
             timeout=60)
         if run.returncode:
@@ -267,7 +267,7 @@ def _ray_cli() -> str:
 
 
 def _ray_start(args: list[str], env: dict[str, str], log: Path, groups: list[int]) -> None:
-    """``ray start ARGS`` in a new process group (appended to ``groups``: its daemons stay in it)."""
+    """``ray start ARGS`` in a new process group, added to ``groups`` (its daemons stay in it)."""
     with open(log, "ab") as out:
         proc = subprocess.Popen([_ray_cli(), "start", "--disable-usage-stats", *args],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -336,8 +336,8 @@ def mlflow_on_postgres(db: Postgres, root: Path) -> Iterator[str]:
 
     The password reaches the server as ``$PGPASSWORD``, so it is in no URI, log or command line.
     """
-    with mock.patch.dict(os.environ, {"PGPASSWORD": db.password}):
-        server = start_local_server(root, backend_store_uri=db.uri)
+    server = start_local_server(root, backend_store_uri=db.uri,
+                                env={"PGPASSWORD": db.password})
     try:
         yield server.url
     finally:

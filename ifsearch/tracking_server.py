@@ -332,6 +332,7 @@ def start_local_server(
     workers: int = DEFAULT_WORKERS,
     small: bool = True,
     backend_store_uri: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> LocalServer:
     """Start (or reuse) a local ``mlflow server`` that keeps its state under ``root``.
 
@@ -339,7 +340,8 @@ def start_local_server(
     ``root/server.json`` (pid, url, port), ``root/server.log`` (server output).
     ``backend_store_uri`` replaces the sqlite file with another database, e.g.
     ``postgresql://user@127.0.0.1:5432/mlflow`` (password from ``$PGPASSWORD`` rather than the
-    URI; a password in the URI is masked in ``server.json`` and the log).
+    URI; a password in the URI is masked in ``server.json`` and the log). ``env`` adds to the
+    server's environment (e.g. ``{"PGPASSWORD": ...}``).
 
     Reuse: if ``root/server.json`` names a live pid whose ``/health`` answers, that server is
     returned and no other is started. Otherwise the port is ``port`` if given, else 5000 when
@@ -362,7 +364,8 @@ def start_local_server(
     with open(root / ".server.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return _start_locked(root, host, port, timeout, workers, small, backend_store_uri)
+            return _start_locked(root, host, port, timeout, workers, small, backend_store_uri,
+                                 env or {})
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -378,7 +381,7 @@ def redact_uri(uri: str) -> str:
 
 def _start_locked(
     root: Path, host: str, port: int | None, timeout: float, workers: int, small: bool,
-    backend_store_uri: str | None,
+    backend_store_uri: str | None, extra_env: dict[str, str],
 ) -> LocalServer:
     log_path = root / _LOG_FILE
     state = _read_state(root)
@@ -419,7 +422,7 @@ def _start_locked(
         "--workers", str(workers),
     ]  # fmt: skip
     shown = " ".join(redact_uri(part) for part in command)  # for logs, state and errors
-    env = dict(os.environ)
+    env = dict(os.environ, **extra_env)
     if small:
         env.update(SMALL_SERVER_ENV)
     env.pop("MLFLOW_TRACKING_URI", None)  # the server is the store; do not point it elsewhere

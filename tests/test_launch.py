@@ -13,13 +13,17 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from ifsearch.config import load_config
-from ifsearch.launch import build_parser
+from ifsearch.errors import ConfigError
+from ifsearch.launch import build_parser, parse_worker_resources
+from ifsearch.launch import main as launch_main
 from ifsearch.tracking import (
     INTERRUPTED_TAG,
     ROLE_TAG,
     SWEEP_TAG,
     TRIAL_NUMBER_TAG,
     TRIAL_TAG,
+    WORKER_HOST_TAG,
+    WORKER_NODE_TAG,
 )
 from ifsearch.tracking_server import start_local_server, stop_local_server
 
@@ -114,6 +118,7 @@ def test_sweep_logs_to_mlflow_exports_and_warm_starts(tmp_path, mlflow_server):
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.params["train.lr"] and run.data.params["loss.name"] == "influencer"
         assert "training_iteration" not in run.data.metrics  # no Tune bookkeeping
+        assert len(run.data.tags[WORKER_NODE_TAG]) > 20 and run.data.tags[WORKER_HOST_TAG]
         history = client.get_metric_history(run.info.run_id, "val_loss")
         epochs = [m.step for m in history]
         assert epochs == list(range(1, len(epochs) + 1))
@@ -228,12 +233,47 @@ def test_unreachable_mlflow_uri_fails_before_ray_starts(tmp_path):
     assert "http://127.0.0.1:9" in run.stderr and "Traceback" not in run.stderr
 
 
+def test_worker_resources_are_parsed_and_checked():
+    assert parse_worker_resources(["trainer=1", "a100 = 0.5"]) == {"trainer": 1.0, "a100": 0.5}
+    assert parse_worker_resources([]) == {}
+    for bad in ("trainer", "=1", "trainer=0", "trainer=-1", "trainer=x", "trainer=inf"):
+        with pytest.raises(ConfigError, match="NAME=AMOUNT"):
+            parse_worker_resources([bad])
+    with pytest.raises(ConfigError, match="--gpus-per-worker"):
+        parse_worker_resources(["GPU=1"])
+
+
+def test_cluster_options_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.setenv("IFSEARCH_STORAGE", "s3://bucket/sweeps")
+    args = build_parser().parse_args([])
+    assert args.address == "10.0.0.1:6379" and args.storage == "s3://bucket/sweeps"
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.delenv("IFSEARCH_STORAGE")
+    args = build_parser().parse_args([])
+    assert args.address is None and args.storage is None
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--worker-resource", "trainer=1"], "--worker-resource needs a Ray cluster"),
+    (["--address", "auto", "--worker-resource", "trainer"], "expected NAME=AMOUNT"),
+    (["--wait-for-nodes", "-1"], "--wait-for-nodes = -1.0: must be >= 0"),
+])
+def test_bad_cluster_options_fail_before_ray_starts(tmp_path, monkeypatch, capsys, options,
+                                                    message):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert launch_main(["--mlflow-uri", "http://127.0.0.1:9", *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_help_explains_every_option():
     text = build_parser().format_help()
     for option in ("--space", "--num-samples", "--max-concurrent", "--scheduler", "--searcher",
                    "--workers-per-trial", "--gpus-per-worker", "--address", "--storage",
                    "--mlflow-uri", "--experiment", "--name", "--resume", "--warm-start",
-                   "--seed", "--set"):
+                   "--seed", "--set", "--worker-resource", "--wait-for-nodes"):
         assert option in text
     assert "nsga2" in text and "hyperband" in text
 

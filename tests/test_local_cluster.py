@@ -60,6 +60,14 @@ def test_sweep_submitted_as_a_job_trains_on_the_worker_node_and_logs_to_postgres
     assert list((storage / "job-sweep" / "train").glob("train_*/checkpoint_*"))
     assert db.psql(f"select count(*) from tags where key = '{SWEEP_TAG}' "
                    "and value = 'job-sweep'") == "3"
+    # Neither the database password nor the cluster's Ray token is stored anywhere by MLflow.
+    token = cluster.token_path.read_text().strip()
+    for secret in (db.password, token):
+        for table in ("params", "tags"):
+            assert db.psql(f"select count(*) from {table} where value like '%{secret}%'") == "0"
+        leaks = [p for p in (work / "mlflow").rglob("*")
+                 if p.is_file() and secret.encode() in p.read_bytes()]
+        assert not leaks
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token"], ids=["no-token", "wrong-token"])

@@ -21,6 +21,7 @@ from ifsearch.tracking_server import (
     check_tracking_uri,
     main,
     process_tree,
+    redact_uri,
     start_local_server,
     stop_local_server,
 )
@@ -207,3 +208,11 @@ def test_stale_state_ignored_then_stop(tmp_path, stopper):
     assert not _health_ok(srv.url)
     assert not (tmp_path / "server.json").exists()
     assert stop_local_server(tmp_path) is False
+
+
+def test_redact_uri_hides_only_the_password():
+    assert redact_uri("postgresql://mlflow:s3cr3t@db:5432/mlflow") == \
+        "postgresql://mlflow:***@db:5432/mlflow"
+    for kept in ("postgresql://mlflow@db:5432/mlflow", "sqlite:////tmp/mlflow.db", "--port",
+                 "/tmp/artifacts"):
+        assert redact_uri(kept) == kept
