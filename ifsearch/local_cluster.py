@@ -88,7 +88,8 @@ def _marked_pids(marker: str) -> list[int]:
     return pids
 
 
-def stop_marked(marker: str, groups: Iterable[int] = (), grace: float = 10.0) -> None:
+def stop_marked(marker: str, groups: Iterable[int] = (), grace: float = 10.0,
+                signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGKILL)) -> None:
     """Stop every process carrying ``marker`` and the process ``groups``: SIGTERM, then SIGKILL.
 
     Both are needed: Ray's agents rewrite their environment when they set their process title
@@ -100,13 +101,13 @@ def stop_marked(marker: str, groups: Iterable[int] = (), grace: float = 10.0) ->
         marked = set(_marked_pids(marker))
         return [pid for pid, _, pgid in live_processes() if pid in marked or pgid in groups]
 
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+    for sig in signals:
         for pid in members():
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5.0)
         while time.monotonic() < deadline and members():
             time.sleep(0.2)
 
@@ -144,7 +145,7 @@ class Postgres:
 
 
 def postgres_bin_dir() -> Path:
-    """Where ``initdb``/``pg_ctl`` live (Debian keeps them off PATH); a clear error if absent."""
+    """Where ``initdb``, ``postgres`` and ``psql`` live (Debian keeps them off PATH)."""
     found = shutil.which("initdb")
     if found:
         return Path(found).resolve().parent
@@ -231,6 +232,11 @@ class RayCluster:
     token_path: Path
     marker: str
     temp_root: Path
+    groups: list[int] = field(default_factory=list)  # process groups of its `ray start`s
+
+    def crash(self) -> None:
+        """Kill every process of the cluster and its jobs at once (SIGKILL): a lost head."""
+        stop_marked(self.marker, self.groups, signals=(signal.SIGKILL,))
 
     def client_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """Environment of a client of this cluster: token auth on, this cluster's token."""
@@ -250,13 +256,16 @@ class RayCluster:
         return [n for n in json.loads(run.stdout) if n.get("state") == "ALIVE"]
 
     def submit(self, entrypoint: list[str], working_dir: Path, timeout: float = 900,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+               env: dict[str, str] | None = None, wait: bool = True
+               ) -> subprocess.CompletedProcess:
         """``ray job submit --working-dir DIR -- ENTRYPOINT``: waits for the job, tails its log.
 
-        The return code is ``ray job submit``'s: 0 only when the job succeeded.
+        The return code is ``ray job submit``'s: 0 only when the job succeeded (with
+        ``wait=False``: when it was submitted).
         """
         command = [_ray_cli(), "job", "submit", "--address", self.dashboard_url,
-                   "--working-dir", str(working_dir), "--", *entrypoint]
+                   "--working-dir", str(working_dir), *([] if wait else ["--no-wait"]),
+                   "--", *entrypoint]
         return subprocess.run(command, env=self.client_env(env), capture_output=True,
                               text=True, timeout=timeout)
 
@@ -309,7 +318,7 @@ def ray_cluster(head_cpus: float = 1, worker_cpus: float = 2, trainers: float = 
     env = cluster.client_env()
     env.update({MARKER_ENV: marker, "RAY_USAGE_STATS_ENABLED": "0",
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
-    groups: list[int] = []
+    groups = cluster.groups
     try:
         _ray_start(["--head", "--port", str(gcs_port), "--num-cpus", f"{head_cpus:g}",
                     "--temp-dir", str(temp_root / "head"), "--dashboard-host", "127.0.0.1",
@@ -344,14 +353,29 @@ def mlflow_on_postgres(db: Postgres, root: Path) -> Iterator[str]:
         stop_local_server(root)
 
 
-def rehearsal_entrypoint(storage: Path, mlflow_uri: str, experiment: str, name: str) -> list[str]:
+def rehearsal_entrypoint(storage: Path, mlflow_uri: str, experiment: str, name: str,
+                         epochs: int = 2, *extra: str) -> list[str]:
     """The runbook's launcher command, on a small sweep whose workers need a ``trainer``."""
     return ["python", "-m", "ifsearch.launch", "--address", "auto",
             "--worker-resource", f"{TRAINER_RESOURCE}=1",
             "--space", str(REHEARSAL_SPACE.relative_to(REPO)), *REHEARSAL_SETTINGS,
-            "--num-samples", "2", "--max-epochs", "2", "--scheduler", "fifo",
+            "--num-samples", "2", "--max-epochs", str(epochs), "--scheduler", "fifo",
             "--storage", str(storage), "--mlflow-uri", mlflow_uri,
-            "--experiment", experiment, "--name", name]
+            "--experiment", experiment, "--name", name, *extra]
+
+
+def trial_runs(mlflow_uri: str, experiment: str, sweep: str) -> list:
+    """The sweep's trial runs in MLflow (empty before the first one exists)."""
+    from mlflow.tracking import MlflowClient
+
+    from ifsearch.tracking import ROLE_TAG, SWEEP_TAG, tag_filter
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id],
+                              tag_filter({SWEEP_TAG: sweep, ROLE_TAG: "trial"}))
 
 
 @dataclass
@@ -369,19 +393,14 @@ class Rehearsal:
 def rehearse(cluster: RayCluster, db: Postgres, mlflow_uri: str, storage: Path, name: str,
              experiment: str = "rehearsal") -> Rehearsal:
     """Submit the sweep with ``ray job submit --working-dir`` and check where it went."""
-    from mlflow.tracking import MlflowClient
-
-    from ifsearch.tracking import ROLE_TAG, SWEEP_TAG, WORKER_NODE_TAG, tag_filter
+    from ifsearch.tracking import SWEEP_TAG, WORKER_NODE_TAG
 
     nodes = cluster.nodes()
     head = next(n["node_id"] for n in nodes if n["is_head_node"])
     worker = next(n["node_id"] for n in nodes if not n["is_head_node"])
     job = cluster.submit(rehearsal_entrypoint(storage, mlflow_uri, experiment, name), REPO)
-    client = MlflowClient(mlflow_uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = [] if exp is None else client.search_runs(
-        [exp.experiment_id], tag_filter({SWEEP_TAG: name, ROLE_TAG: "trial"}))
-    trial_nodes = {r.info.run_id: r.data.tags.get(WORKER_NODE_TAG, "") for r in runs}
+    trial_nodes = {r.info.run_id: r.data.tags.get(WORKER_NODE_TAG, "")
+                   for r in trial_runs(mlflow_uri, experiment, name)}
     rows = int(db.psql("select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
                        f"where t.key = '{SWEEP_TAG}' and t.value = '{name}'"))
     checks = {
@@ -392,6 +411,49 @@ def rehearse(cluster: RayCluster, db: Postgres, mlflow_uri: str, storage: Path, 
         "the runs are rows in PostgreSQL (2 trials + the sweep)": rows == 3,
     }
     return Rehearsal(job, head, worker, trial_nodes, rows, checks)
+
+
+def rehearse_head_loss(db: Postgres, mlflow_uri: str, storage: Path, name: str,
+                       experiment: str = "rehearsal", epochs: int = 6,
+                       marker: str | None = None) -> dict[str, bool]:
+    """Runbook step 6: lose the whole cluster mid-sweep, start a new one, ``--resume``.
+
+    The first cluster is killed (SIGKILL, head, worker and the job's launcher alike) once a trial
+    has a checkpoint; the sweep then goes on from ``storage`` on a fresh cluster.
+    """
+    from mlflow.tracking import MlflowClient
+
+    with ray_cluster(marker=marker) as first:
+        submitted = first.submit(rehearsal_entrypoint(storage, mlflow_uri, experiment, name,
+                                                      epochs), REPO, wait=False)
+        if submitted.returncode:
+            raise LocalClusterError(f"ray job submit failed: {submitted.stderr[-2000:]}")
+
+        def resumable() -> bool:  # Tune's experiment state and one Train checkpoint exist
+            sweep = storage / name
+            return any(sweep.glob("experiment_state*.json")) and \
+                any(sweep.glob("train/train_*/checkpoint_*"))
+
+        _wait("the sweep's first checkpoint", resumable, 300)
+        first.crash()
+    with ray_cluster(marker=marker) as second:
+        job = second.submit(rehearsal_entrypoint(storage, mlflow_uri, experiment, name, epochs,
+                                                 "--resume"), REPO)
+    runs = trial_runs(mlflow_uri, experiment, name)
+    client = MlflowClient(mlflow_uri)
+    steps = [sorted({m.step for m in client.get_metric_history(r.info.run_id, "AP50")})
+             for r in runs]
+    rows = int(db.psql("select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
+                       f"where t.key = 'ifsearch.sweep' and t.value = '{name}'"))
+    return {
+        "the resumed job succeeded": job.returncode == 0,
+        "still 2 trial runs (no duplicates), all FINISHED":
+            len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs),
+        f"every trial has epochs 1..{epochs} in MLflow":
+            steps == [list(range(1, epochs + 1))] * 2,
+        "3 runs of the sweep in PostgreSQL": rows == 3,
+        "best_config.yaml exported": (storage / name / "best_config.yaml").exists(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,9 +98,9 @@ def _fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
 
 
 def _describe(resources: dict[str, float]) -> str:
+    """``1 CPU, 1 GPU, 2 trainer``: schedulable resources, without Ray's memory/node entries."""
     return ", ".join(f"{amount:g} {name}" for name, amount in sorted(resources.items())
-                     if name in ("CPU", "GPU") or not name.startswith(("node:", "memory",
-                                                                        "object_store")))
+                     if not name.startswith(("node:", "memory", "object_store_memory")))
 
 
 def wait_for_a_fitting_node(bundle: dict[str, float], address: str, wait: float) -> None:
