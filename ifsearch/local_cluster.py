@@ -11,13 +11,16 @@
 4. a small sweep submitted with ``ray job submit --working-dir . -- python -m ifsearch.launch
    --address auto --worker-resource trainer=1 ...``, so every trial trains on the worker node,
 5. checks: the job succeeded, every trial's MLflow run names the worker node, and the runs are
-   rows in PostgreSQL; then everything started here is stopped (``--keep`` leaves it running
-   until Ctrl-C, to look at the Ray dashboard and the MLflow UI).
+   rows in PostgreSQL,
+6. runbook step 6: a longer sweep on a second cluster, killed outright after its first
+   checkpoint, resumed with ``--resume --name`` on a third cluster from the same storage;
+   then everything started here is stopped (``--keep`` leaves the first cluster and MLflow
+   running until Ctrl-C, to look at the Ray dashboard and the MLflow UI).
 
-Only processes started here are stopped (those carrying :data:`MARKER_ENV` in their environment
-and the process groups of our ``ray start`` calls); ``ray stop``, which stops every Ray on the
-machine, is never used.
-``tests/test_local_cluster.py`` drives the same pieces.
+Only processes started here are stopped (those carrying the cluster's :data:`MARKER_ENV` in
+their environment and the process groups of its ``ray start`` calls); ``ray stop``, which
+stops every Ray on the machine, is never used. ``tests/test_local_cluster.py`` drives the same
+pieces.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from pathlib import Path
 from ifsearch.errors import IfsearchError
 from ifsearch.tracking_server import live_processes, start_local_server, stop_local_server
 
-MARKER_ENV = "IFSEARCH_LOCAL_CLUSTER"  # in the environment of every process started here
+MARKER_ENV = "IFSEARCH_LOCAL_CLUSTER"  # = a cluster's id, in the environment of its processes
 TRAINER_RESOURCE = "trainer"  # custom resource only the worker node has
 REPO = Path(__file__).resolve().parents[1]
 # The rehearsal's sweep: the default space on tiny scenes (an epoch takes about a second).
@@ -159,8 +162,7 @@ def postgres_bin_dir() -> Path:
 
 
 @contextmanager
-def postgres(database: str = "mlflow", user: str = "ifsearch",
-             marker: str | None = None) -> Iterator[Postgres]:
+def postgres(database: str = "mlflow", user: str = "ifsearch") -> Iterator[Postgres]:
     """A fresh PostgreSQL cluster on 127.0.0.1 (random port and password), removed at exit.
 
     PostgreSQL refuses to run as root, so as root its files belong to the ``postgres`` user and
@@ -176,7 +178,7 @@ def postgres(database: str = "mlflow", user: str = "ifsearch",
         shutil.chown(root, "postgres")
         shutil.chown(pwfile, "postgres")
         as_owner = ["runuser", "-u", "postgres", "--"]
-    env = dict(os.environ, **({MARKER_ENV: marker} if marker else {}))
+    env = dict(os.environ)
     port = free_port()
     server = None
     try:
@@ -297,15 +299,15 @@ def _agent_ports() -> list[str]:
 
 
 @contextmanager
-def ray_cluster(head_cpus: float = 1, worker_cpus: float = 2, trainers: float = 2,
-                marker: str | None = None) -> Iterator[RayCluster]:
+def ray_cluster(head_cpus: float = 1, worker_cpus: float = 2,
+                trainers: float = 2) -> Iterator[RayCluster]:
     """A head node and one worker node with ``trainers`` units of :data:`TRAINER_RESOURCE`.
 
     Token authentication is on (a fresh token in the cluster's temp dir, never
     ``~/.ray/auth_token``); the dashboard listens on 127.0.0.1. Every process of the cluster
     (and of jobs run on it) is stopped at exit.
     """
-    marker = marker or uuid.uuid4().hex
+    marker = uuid.uuid4().hex  # this cluster's own: crash() must not touch anything else
     temp_root = Path(tempfile.mkdtemp(prefix="ifs-ray-"))  # short: Ray's socket paths are long
     token_path = temp_root / "auth_token"
     token_path.write_text(secrets.token_hex(32))
@@ -316,7 +318,10 @@ def ray_cluster(head_cpus: float = 1, worker_cpus: float = 2, trainers: float = 
                          token_path=token_path, marker=marker, temp_root=temp_root)
     # Nodes run this environment's Python first, so a job's `python -m ...` finds ifsearch.
     env = cluster.client_env()
+    # RAY_ADDRESS: Ray Train's placement-group cleaner finds the cluster by it, not by scanning
+    # for GCS processes (which fails when other Ray instances run on this machine).
     env.update({MARKER_ENV: marker, "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_ADDRESS": cluster.gcs_address,
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
     groups = cluster.groups
     try:
@@ -414,8 +419,7 @@ def rehearse(cluster: RayCluster, db: Postgres, mlflow_uri: str, storage: Path, 
 
 
 def rehearse_head_loss(db: Postgres, mlflow_uri: str, storage: Path, name: str,
-                       experiment: str = "rehearsal", epochs: int = 6,
-                       marker: str | None = None) -> dict[str, bool]:
+                       experiment: str = "rehearsal", epochs: int = 6) -> dict[str, bool]:
     """Runbook step 6: lose the whole cluster mid-sweep, start a new one, ``--resume``.
 
     The first cluster is killed (SIGKILL, head, worker and the job's launcher alike) once a trial
@@ -423,7 +427,7 @@ def rehearse_head_loss(db: Postgres, mlflow_uri: str, storage: Path, name: str,
     """
     from mlflow.tracking import MlflowClient
 
-    with ray_cluster(marker=marker) as first:
+    with ray_cluster() as first:
         submitted = first.submit(rehearsal_entrypoint(storage, mlflow_uri, experiment, name,
                                                       epochs), REPO, wait=False)
         if submitted.returncode:
@@ -435,8 +439,9 @@ def rehearse_head_loss(db: Postgres, mlflow_uri: str, storage: Path, name: str,
                 any(sweep.glob("train/train_*/checkpoint_*"))
 
         _wait("the sweep's first checkpoint", resumable, 300)
+        finished_before_crash = (storage / name / "best_config.yaml").exists()
         first.crash()
-    with ray_cluster(marker=marker) as second:
+    with ray_cluster() as second:
         job = second.submit(rehearsal_entrypoint(storage, mlflow_uri, experiment, name, epochs,
                                                  "--resume"), REPO)
     runs = trial_runs(mlflow_uri, experiment, name)
@@ -446,6 +451,7 @@ def rehearse_head_loss(db: Postgres, mlflow_uri: str, storage: Path, name: str,
     rows = int(db.psql("select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
                        f"where t.key = 'ifsearch.sweep' and t.value = '{name}'"))
     return {
+        "the cluster was lost mid-sweep (a checkpoint, no export yet)": not finished_before_crash,
         "the resumed job succeeded": job.returncode == 0,
         "still 2 trial runs (no duplicates), all FINISHED":
             len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs),
@@ -464,8 +470,10 @@ def main(argv: list[str] | None = None) -> int:
                     "where trials ran and that MLflow stored them in PostgreSQL.")
     parser.add_argument("--keep", action="store_true",
                         help="leave everything running after the checks until Ctrl-C")
+    parser.add_argument("--no-head-loss", dest="head_loss", action="store_false",
+                        help="skip runbook step 6 (lose the cluster mid-sweep, resume on a new "
+                             "one; about 2 minutes)")
     args = parser.parse_args(argv)
-    marker = uuid.uuid4().hex
     step = iter(range(1, 100))
 
     def say(text: str) -> None:
@@ -474,11 +482,11 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ifs-rehearsal-")))
         say("PostgreSQL on 127.0.0.1 ...")
-        db = stack.enter_context(postgres(marker=marker))
+        db = stack.enter_context(postgres())
         say(f"MLflow server with backend store {db.uri} ...")
         mlflow_uri = stack.enter_context(mlflow_on_postgres(db, work / "mlflow"))
         say(f"Ray head (1 CPU) + worker node (2 CPU, 2 {TRAINER_RESOURCE}), token auth ...")
-        cluster = stack.enter_context(ray_cluster(marker=marker))
+        cluster = stack.enter_context(ray_cluster())
         say(f"ray job submit --working-dir {REPO} -- python -m ifsearch.launch --address auto "
             f"--worker-resource {TRAINER_RESOURCE}=1 ... (2 trials x 2 epochs)")
         result = rehearse(cluster, db, mlflow_uri, work / "shared" / "sweeps",
@@ -487,6 +495,15 @@ def main(argv: list[str] | None = None) -> int:
         say(f"checks (worker node {result.worker_node[:12]}, head {result.head_node[:12]})")
         for what, ok in result.checks.items():
             print(f"    {'ok    ' if ok else 'FAILED'} {what}", flush=True)
+        checks = dict(result.checks)
+        if args.head_loss:
+            say("runbook step 6: a sweep of 2 trials x 6 epochs on a second cluster, which is "
+                "killed (SIGKILL) after its first checkpoint; a third cluster resumes it ...")
+            lost = rehearse_head_loss(db, mlflow_uri, work / "shared" / "sweeps",
+                                      f"rehearsal-lost-{time.strftime('%Y%m%d-%H%M%S')}")
+            for what, ok in lost.items():
+                print(f"    {'ok    ' if ok else 'FAILED'} {what}", flush=True)
+            checks.update(lost)
         if args.keep:
             print(f"running until Ctrl-C: Ray dashboard {cluster.dashboard_url} (export "
                   f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={cluster.token_path}), "
@@ -496,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             except KeyboardInterrupt:
                 pass
         say("stopping everything started here")
-    return 0 if all(result.checks.values()) else 1
+    return 0 if all(checks.values()) else 1
 
 
 if __name__ == "__main__":

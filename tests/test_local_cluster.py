@@ -7,7 +7,6 @@ full by the first test); everything the module starts, it stops.
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
@@ -19,6 +18,7 @@ from ifsearch.local_cluster import (
     postgres,
     ray_cluster,
     rehearse,
+    rehearse_head_loss,
 )
 from ifsearch.tracking import SWEEP_TAG, WORKER_HOST_TAG
 
@@ -28,12 +28,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """(cluster, db, mlflow_uri, work dir): the services of the rehearsal, stopped at the end."""
-    marker = uuid.uuid4().hex
     work = tmp_path_factory.mktemp("cluster")
-    with postgres(marker=marker) as db, mlflow_on_postgres(db, work / "mlflow") as uri, \
-            ray_cluster(marker=marker) as cluster:
+    with postgres() as db, mlflow_on_postgres(db, work / "mlflow") as uri, \
+            ray_cluster() as cluster:
         yield cluster, db, uri, work
-    assert _marked_pids(marker) == []  # nothing of the cluster or of its jobs is left
+    assert _marked_pids(cluster.marker) == []  # nothing of the cluster or of its jobs is left
 
 
 def test_sweep_submitted_as_a_job_trains_on_the_worker_node_and_logs_to_postgres(stack):
@@ -68,6 +67,14 @@ def test_sweep_submitted_as_a_job_trains_on_the_worker_node_and_logs_to_postgres
         leaks = [p for p in (work / "mlflow").rglob("*")
                  if p.is_file() and secret.encode() in p.read_bytes()]
         assert not leaks
+
+
+def test_a_sweep_survives_losing_its_cluster_and_resumes_on_a_new_one(stack):
+    """Runbook step 6, with the first test's cluster still running beside (two Ray instances)."""
+    _, db, uri, work = stack
+    checks = rehearse_head_loss(db, uri, work / "shared" / "sweeps", "lost-head",
+                                experiment="cluster-test")
+    assert checks == dict.fromkeys(checks, True)
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token"], ids=["no-token", "wrong-token"])
