@@ -383,6 +383,14 @@ def trial_runs(mlflow_uri: str, experiment: str, sweep: str) -> list:
                               tag_filter({SWEEP_TAG: sweep, ROLE_TAG: "trial"}))
 
 
+def sweep_rows(db: Postgres, sweep: str) -> int:
+    """Rows of MLflow's ``runs`` table in PostgreSQL that belong to ``sweep`` (parent + trials)."""
+    from ifsearch.tracking import SWEEP_TAG
+
+    return int(db.psql("select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
+                       f"where t.key = '{SWEEP_TAG}' and t.value = '{sweep}'"))
+
+
 @dataclass
 class Rehearsal:
     """What one rehearsal saw; ``checks`` are the runbook's promises, each True or False."""
@@ -398,7 +406,7 @@ class Rehearsal:
 def rehearse(cluster: RayCluster, db: Postgres, mlflow_uri: str, storage: Path, name: str,
              experiment: str = "rehearsal") -> Rehearsal:
     """Submit the sweep with ``ray job submit --working-dir`` and check where it went."""
-    from ifsearch.tracking import SWEEP_TAG, WORKER_NODE_TAG
+    from ifsearch.tracking import WORKER_NODE_TAG
 
     nodes = cluster.nodes()
     head = next(n["node_id"] for n in nodes if n["is_head_node"])
@@ -406,8 +414,7 @@ def rehearse(cluster: RayCluster, db: Postgres, mlflow_uri: str, storage: Path, 
     job = cluster.submit(rehearsal_entrypoint(storage, mlflow_uri, experiment, name), REPO)
     trial_nodes = {r.info.run_id: r.data.tags.get(WORKER_NODE_TAG, "")
                    for r in trial_runs(mlflow_uri, experiment, name)}
-    rows = int(db.psql("select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
-                       f"where t.key = '{SWEEP_TAG}' and t.value = '{name}'"))
+    rows = sweep_rows(db, name)
     checks = {
         "the job succeeded": job.returncode == 0,
         "2 trial runs in MLflow": len(trial_nodes) == 2,
@@ -419,11 +426,13 @@ def rehearse(cluster: RayCluster, db: Postgres, mlflow_uri: str, storage: Path, 
 
 
 def rehearse_head_loss(db: Postgres, mlflow_uri: str, storage: Path, name: str,
-                       experiment: str = "rehearsal", epochs: int = 6) -> dict[str, bool]:
+                       experiment: str = "rehearsal", epochs: int = 6
+                       ) -> tuple[dict[str, bool], subprocess.CompletedProcess]:
     """Runbook step 6: lose the whole cluster mid-sweep, start a new one, ``--resume``.
 
     The first cluster is killed (SIGKILL, head, worker and the job's launcher alike) once a trial
-    has a checkpoint; the sweep then goes on from ``storage`` on a fresh cluster.
+    has a checkpoint; the sweep then goes on from ``storage`` on a fresh cluster. Returns the
+    checks and the resuming job's ``ray job submit``.
     """
     from mlflow.tracking import MlflowClient
 
@@ -448,18 +457,17 @@ def rehearse_head_loss(db: Postgres, mlflow_uri: str, storage: Path, name: str,
     client = MlflowClient(mlflow_uri)
     steps = [sorted({m.step for m in client.get_metric_history(r.info.run_id, "AP50")})
              for r in runs]
-    rows = int(db.psql("select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
-                       f"where t.key = 'ifsearch.sweep' and t.value = '{name}'"))
-    return {
+    checks = {
         "the cluster was lost mid-sweep (a checkpoint, no export yet)": not finished_before_crash,
         "the resumed job succeeded": job.returncode == 0,
         "still 2 trial runs (no duplicates), all FINISHED":
             len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs),
         f"every trial has epochs 1..{epochs} in MLflow":
             steps == [list(range(1, epochs + 1))] * 2,
-        "3 runs of the sweep in PostgreSQL": rows == 3,
+        "3 runs of the sweep in PostgreSQL": sweep_rows(db, name) == 3,
         "best_config.yaml exported": (storage / name / "best_config.yaml").exists(),
     }
+    return checks, job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -499,8 +507,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.head_loss:
             say("runbook step 6: a sweep of 2 trials x 6 epochs on a second cluster, which is "
                 "killed (SIGKILL) after its first checkpoint; a third cluster resumes it ...")
-            lost = rehearse_head_loss(db, mlflow_uri, work / "shared" / "sweeps",
-                                      f"rehearsal-lost-{time.strftime('%Y%m%d-%H%M%S')}")
+            lost, job = rehearse_head_loss(db, mlflow_uri, work / "shared" / "sweeps",
+                                           f"rehearsal-lost-{time.strftime('%Y%m%d-%H%M%S')}")
+            if not all(lost.values()):
+                print("\n".join(job.stdout.splitlines()[-20:]) or job.stderr, flush=True)
             for what, ok in lost.items():
                 print(f"    {'ok    ' if ok else 'FAILED'} {what}", flush=True)
             checks.update(lost)

@@ -72,9 +72,9 @@ def test_sweep_submitted_as_a_job_trains_on_the_worker_node_and_logs_to_postgres
 def test_a_sweep_survives_losing_its_cluster_and_resumes_on_a_new_one(stack):
     """Runbook step 6, with the first test's cluster still running beside (two Ray instances)."""
     _, db, uri, work = stack
-    checks = rehearse_head_loss(db, uri, work / "shared" / "sweeps", "lost-head",
-                                experiment="cluster-test")
-    assert checks == dict.fromkeys(checks, True)
+    checks, job = rehearse_head_loss(db, uri, work / "shared" / "sweeps", "lost-head",
+                                     experiment="cluster-test")
+    assert checks == dict.fromkeys(checks, True), (job.stdout + job.stderr)[-6000:]
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token"], ids=["no-token", "wrong-token"])
