@@ -202,6 +202,16 @@ def test_compose_has_no_default_passwords():
     # credentials appear only as $$VAR references, never as literals in URIs
     assert not re.search(r"://[^/\s$]+:[^@\s$]+@", text), "literal credentials in a URI"
     assert "--host 0.0.0.0" in text and "--backend-store-uri" in text and "--artifacts-destination" in text
+    # The password reaches libpq as PGPASSWORD, never inside the URI (which `ps` would show).
+    assert 'PGPASSWORD="$$POSTGRES_PASSWORD"' in text and "$$POSTGRES_PASSWORD@" not in text
+
+
+def test_compose_mlflow_has_the_postgres_driver_the_tests_use():
+    """SQLAlchemy 2.1 opens postgresql:// with psycopg 3: the compose server installs the same
+    psycopg as the multi-node test's MLflow server (tests/test_local_cluster.py)."""
+    text = (DEPLOY / "mlflow" / "docker-compose.yaml").read_text()
+    assert f'"psycopg[binary]=={version("psycopg")}"' in text
+    assert "psycopg2-binary" not in text
 
 
 def test_env_example_holds_placeholders_and_env_is_ignored():
