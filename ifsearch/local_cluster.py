@@ -77,7 +77,7 @@ def _wait(what: str, ready, timeout: float, log: Path | None = None) -> None:
                             + (f"; last lines of {log}:\n{tail}" if tail else ""))
 
 
-def _marked_pids(marker: str) -> list[int]:
+def marked_pids(marker: str) -> list[int]:
     """Processes whose environment holds ``MARKER_ENV=marker`` (children included)."""
     needle = f"{MARKER_ENV}={marker}".encode()
     pids = []
@@ -101,7 +101,7 @@ def stop_marked(marker: str, groups: Iterable[int] = (), grace: float = 10.0,
     groups = set(groups)
 
     def members() -> list[int]:
-        marked = set(_marked_pids(marker))
+        marked = set(marked_pids(marker))
         return [pid for pid, _, pgid in live_processes() if pid in marked or pgid in groups]
 
     for sig in signals:
@@ -250,7 +250,7 @@ class RayCluster:
 
     def nodes(self) -> list[dict]:
         """The live nodes as the State API lists them (node_id, is_head_node, resources_total)."""
-        run = subprocess.run([_ray_cli(), "list", "nodes", "--address", self.dashboard_url,
+        run = subprocess.run([ray_cli(), "list", "nodes", "--address", self.dashboard_url,
                               "--format", "json", "--detail"],
                              env=self.client_env(), capture_output=True, text=True, timeout=60)
         if run.returncode:
@@ -265,14 +265,14 @@ class RayCluster:
         The return code is ``ray job submit``'s: 0 only when the job succeeded (with
         ``wait=False``: when it was submitted).
         """
-        command = [_ray_cli(), "job", "submit", "--address", self.dashboard_url,
+        command = [ray_cli(), "job", "submit", "--address", self.dashboard_url,
                    "--working-dir", str(working_dir), *([] if wait else ["--no-wait"]),
                    "--", *entrypoint]
         return subprocess.run(command, env=self.client_env(env), capture_output=True,
                               text=True, timeout=timeout)
 
 
-def _ray_cli() -> str:
+def ray_cli() -> str:
     """The ``ray`` program of this Python environment (not whatever else is on PATH)."""
     return str(Path(sys.executable).with_name("ray"))
 
@@ -280,7 +280,7 @@ def _ray_cli() -> str:
 def _ray_start(args: list[str], env: dict[str, str], log: Path, groups: list[int]) -> None:
     """``ray start ARGS`` in a new process group, added to ``groups`` (its daemons stay in it)."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen([_ray_cli(), "start", "--disable-usage-stats", *args],
+        proc = subprocess.Popen([ray_cli(), "start", "--disable-usage-stats", *args],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
     groups.append(proc.pid)

@@ -1,7 +1,7 @@
 """A real two-node Ray cluster on 127.0.0.1 with token auth, MLflow on PostgreSQL, `ray job submit`.
 
-The same pieces as the runbook's local rehearsal (`python -m ifsearch.local_cluster`, run in
-full by the first test); everything the module starts, it stops.
+The pieces of the runbook's local rehearsal (`python -m ifsearch.local_cluster`): the first two
+tests run its two steps; everything the module starts, it stops.
 """
 
 import subprocess
@@ -12,10 +12,10 @@ import pytest
 
 from ifsearch.local_cluster import (
     TRAINER_RESOURCE,
-    _marked_pids,
-    _ray_cli,
+    marked_pids,
     mlflow_on_postgres,
     postgres,
+    ray_cli,
     ray_cluster,
     rehearse,
     rehearse_head_loss,
@@ -32,7 +32,7 @@ def stack(tmp_path_factory):
     with postgres() as db, mlflow_on_postgres(db, work / "mlflow") as uri, \
             ray_cluster() as cluster:
         yield cluster, db, uri, work
-    assert _marked_pids(cluster.marker) == []  # nothing of the cluster or of its jobs is left
+    assert marked_pids(cluster.marker) == []  # nothing of the cluster or of its jobs is left
 
 
 def test_sweep_submitted_as_a_job_trains_on_the_worker_node_and_logs_to_postgres(stack):
@@ -51,8 +51,9 @@ def test_sweep_submitted_as_a_job_trains_on_the_worker_node_and_logs_to_postgres
                        f"and run_uuid in ({run_ids})")) == 2 * 2  # 2 trials x 2 epochs
     assert db.psql(f"select count(distinct value) from tags where key = '{WORKER_HOST_TAG}' "
                    f"and run_uuid in ({run_ids})") == "1"
-    assert int(db.psql("select count(*) from params where key = 'ray_address' "
-                       "and value = 'auto'")) == 1
+    assert db.psql("select p.value from params p join tags t on t.run_uuid = p.run_uuid "
+                   f"where p.key = 'ray_address' and t.key = '{SWEEP_TAG}' "
+                   "and t.value = 'job-sweep'") == "auto"  # the parent run's
     assert not (work / "mlflow" / "mlflow.db").exists()
     # Tune's state and the export are in the shared storage every node writes to.
     assert (storage / "job-sweep" / "best_config.yaml").exists()
@@ -86,7 +87,7 @@ def test_a_job_without_the_cluster_token_is_refused(stack, token):
     if token:
         env["RAY_AUTH_TOKEN"] = token
     job = subprocess.run(
-        [_ray_cli(), "job", "submit", "--address", cluster.dashboard_url, "--",
+        [ray_cli(), "job", "submit", "--address", cluster.dashboard_url, "--",
          "python", "-c", "print('ran')"],
         env=env, capture_output=True, text=True, timeout=120)
     output = job.stdout + job.stderr
