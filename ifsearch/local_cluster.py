@@ -31,7 +31,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ifsearch.errors import IfsearchError
-from ifsearch.tracking_server import live_processes, start_local_server, stop_local_server
+from ifsearch.tracking_server import (
+    free_port,
+    live_processes,
+    start_local_server,
+    stop_local_server,
+)
 
 MARKER_ENV = "IFSEARCH_LOCAL_CLUSTER"  # = a cluster's id, in the environment of its processes
 TRAINER_RESOURCE = "trainer"  # custom resource only the worker node has
@@ -56,13 +60,6 @@ REHEARSAL_SETTINGS = ("--set", "data.num_points=256", "--set", "data.train_scene
 
 class LocalClusterError(IfsearchError):
     """A service of the local cluster could not be started or did not answer."""
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait(what: str, ready, timeout: float, log: Path | None = None) -> None:

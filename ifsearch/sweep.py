@@ -7,7 +7,6 @@ import math
 import os
 import platform
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from ifsearch.tracking import (
     finish_parent_run,
     mark_interrupted,
 )
+from ifsearch.tracking_server import free_port
 from trainables import TrialSettings, train_driver_fn
 
 DRIVER_CPUS = 1.0  # a trial's Tune function only waits on its TorchTrainer
@@ -77,12 +77,6 @@ def build_scheduler(plan: SweepPlan):
     if plan.scheduler == "median":
         return MedianStoppingRule(grace_period=plan.grace_period, **common)
     return FIFOScheduler()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def worker_bundle(args: argparse.Namespace, custom: dict[str, float] | None = None) -> dict:
@@ -183,7 +177,7 @@ def start_ray(args: argparse.Namespace,
     # up when several Ray instances run on one machine ("Found multiple active Ray instances"),
     # and the placement groups of stopped trials are then never freed: the sweep hangs. So
     # pin the GCS port and tell every process of this cluster its address.
-    gcs_port = _free_port()
+    gcs_port = free_port("")  # the GCS listens on every interface
     address = f"{ray.util.get_node_ip_address()}:{gcs_port}"
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)

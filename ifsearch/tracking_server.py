@@ -272,12 +272,15 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _pick_port(host: str) -> int:
-    if _port_free(host, PREFERRED_PORT):
-        return PREFERRED_PORT
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A TCP port free on ``host`` right now (``""``: on every interface)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _pick_port(host: str) -> int:
+    return PREFERRED_PORT if _port_free(host, PREFERRED_PORT) else free_port(host)
 
 
 def _log_tail(log_path: Path, lines: int = 30) -> str:
