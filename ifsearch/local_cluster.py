@@ -38,7 +38,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ifsearch.errors import IfsearchError
@@ -192,22 +192,21 @@ def postgres(database: str = "mlflow", user: str = "ifsearch") -> Iterator[Postg
                  "-c", "listen_addresses=127.0.0.1", "-k", str(root), "-c", "fsync=off"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True)
-        db = Postgres("127.0.0.1", port, user, "postgres", password, bin_dir)
+        admin = Postgres("127.0.0.1", port, user, "postgres", password, bin_dir)
 
         def ready() -> bool:
             if server.poll() is not None:
                 raise LocalClusterError(f"postgres exited with {server.returncode}:\n"
                                         f"{log.read_text(errors='replace')[-2000:]}")
             try:
-                db.psql("select 1")
+                admin.psql("select 1")
                 return True
             except LocalClusterError:
                 return False
 
         _wait(f"PostgreSQL on 127.0.0.1:{port}", ready, 60, log)
-        db.psql(f'create database "{database}"')
-        db.database = database
-        yield db
+        admin.psql(f'create database "{database}"')
+        yield replace(admin, database=database)
     finally:
         if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGINT)  # "fast" shutdown
