@@ -22,7 +22,9 @@ from ifsearch.data.synthetic import MAX_INSTANCES, SHAPE_CLASSES
 from ifsearch.errors import ConfigError
 
 LOSS_NAMES = ("influencer", "hungarian")
-MASK_PROB_MODES = ("sigmoid", "softmax")
+MASK_PROB_MODES = ("sigmoid", "softmax")  # ifsearch.losses.influencer.MASK_PROB_MODES
+MEANS = ("geometric", "arithmetic")  # ifsearch.losses.influencer.MEANS
+CLASS_TARGETS = ("threshold", "best_query", "soft")  # ifsearch.losses.criterion.CLASS_TARGETS
 SCHEDULES = ("cosine", "poly", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 DATASETS = ("synthetic", "s3dis", "coco")
@@ -95,7 +97,15 @@ class LossConfig:
     # synthetic scenes it reached AP50 0.35 vs 0.07 for sigmoid in the same 15 epochs, because
     # queries compete for each point instead of one query's mask spilling over other instances.
     mask_prob: str = "softmax"
-    claim_threshold: float = 0.5  # geometric-mean probability for a query to claim an instance
+    # geometric (the seed: every point of an instance must agree) | arithmetic (the seed's ablation)
+    mean: str = "geometric"
+    # How the class head's targets come from the claims (losses/criterion.py): threshold (the first
+    # rule, kept until a measured comparison picks the default) | best_query | soft
+    class_target: str = "threshold"
+    claim_threshold: float = 0.5  # threshold rule: claim probability a query needs for a class
+    # Terms beyond the seed, 0 = off (not computed) until a search shows they help:
+    spill_weight: float = 0.0  # a claiming query's probability on other instances' points
+    duplicate_weight: float = 0.0  # claims on an instance by all but its strongest query
     # Shared by both criteria
     class_weight: float = 2.0
     no_object_weight: float = 0.1  # Mask2Former's eos_coef
@@ -382,12 +392,16 @@ def _check(config: Config, source: str) -> list[str]:
          f"must be one of {list(MASK_PROB_MODES)}")
     rule(lo.temperature > 0, "loss.temperature", lo.temperature, "must be > 0")
     rule(lo.margin >= 0, "loss.margin", lo.margin, "must be >= 0")
+    rule(lo.mean in MEANS, "loss.mean", lo.mean, f"must be one of {list(MEANS)}")
+    rule(lo.class_target in CLASS_TARGETS, "loss.class_target", lo.class_target,
+         f"must be one of {list(CLASS_TARGETS)}")
     rule(0 < lo.claim_threshold <= 1, "loss.claim_threshold", lo.claim_threshold,
          "must be in (0, 1]")
     rule(0 <= lo.no_object_weight, "loss.no_object_weight", lo.no_object_weight, "must be >= 0")
     rule(lo.num_points >= 0, "loss.num_points", lo.num_points, "must be >= 0 (0 = all points)")
-    for key in ("attr_weight", "rep_weight", "bg_weight", "class_weight", "mask_weight",
-                "dice_weight", "cost_class", "cost_mask", "cost_dice"):
+    for key in ("attr_weight", "rep_weight", "bg_weight", "spill_weight", "duplicate_weight",
+                "class_weight", "mask_weight", "dice_weight", "cost_class", "cost_mask",
+                "cost_dice"):
         value = getattr(lo, key)
         rule(value >= 0, f"loss.{key}", value, "must be >= 0")
 

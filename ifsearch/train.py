@@ -67,9 +67,10 @@ def seed_everything(seed: int) -> None:
 def build_model(config: Config, num_classes: int) -> torch.nn.Module:
     """The model for the dataset's modality, initialised from ``train.seed``."""
     torch.manual_seed(config.train.seed)
+    mask_prob = inference_mask_prob(config)  # masked attention reads masks as the loss does
     if is_image_dataset(config):
-        return ImageInfluencerFormer(config.model, num_classes=num_classes)
-    return InfluencerFormer(config.model, num_classes=num_classes)
+        return ImageInfluencerFormer(config.model, num_classes=num_classes, mask_prob=mask_prob)
+    return InfluencerFormer(config.model, num_classes=num_classes, mask_prob=mask_prob)
 
 
 def inference_mask_prob(config: Config) -> str:

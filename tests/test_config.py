@@ -142,3 +142,23 @@ def test_readme_documents_every_config_key():
     for section, values in config_to_dict(Config()).items():
         for key in values:
             assert f"`{section}.{key}`" in readme, f"README.md does not document {section}.{key}"
+
+
+def test_loss_choices_name_key_value_and_allowed_values():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"loss": {"mean": "harmonic", "class_target": "hungarian",
+                                   "spill_weight": -1.0, "duplicate_weight": -0.5}})
+    text = str(info.value)
+    assert "loss.mean = 'harmonic': must be one of ['geometric', 'arithmetic']" in text
+    assert ("loss.class_target = 'hungarian': must be one of ['threshold', 'best_query', 'soft']"
+            in text)
+    assert "loss.spill_weight = -1.0: must be >= 0" in text
+    assert "loss.duplicate_weight = -0.5: must be >= 0" in text
+    config = config_from_dict({"loss": {"mean": "arithmetic", "class_target": "soft",
+                                        "spill_weight": 0.5, "duplicate_weight": 1.0}})
+    from ifsearch.losses import build_criterion
+
+    criterion = build_criterion(config.loss, num_classes=3)
+    assert criterion.class_target == "soft"
+    assert (criterion.mask_loss.mean, criterion.mask_loss.spill_weight,
+            criterion.mask_loss.duplicate_weight) == ("arithmetic", 0.5, 1.0)

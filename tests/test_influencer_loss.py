@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ifsearch.losses import InfluencerCriterion, MaskInfluencerLoss
+from ifsearch.losses import InfluencerCriterion, MaskInfluencerLoss, mask_log_probs
+from ifsearch.losses.criterion import class_targets, soft_cross_entropy
 
 
 def logit(p):
@@ -56,8 +57,27 @@ def test_softmax_mode_matches_formula():
     p = x.exp() / (1 + x.exp().sum(1, keepdim=True))
     g = p[:2].log().mean(0)
     assert out["attractive"].item() == pytest.approx(-torch.logsumexp(g, 0).item(), abs=1e-9)
-    assert out["background"].item() == pytest.approx(p[2].mean().item(), abs=1e-9)
+    # Softmax background: the queries' summed probability on the point (1 - the background slot).
+    assert out["background"].item() == pytest.approx(p[2].sum().item(), abs=1e-9)
     assert out["repulsive"].item() == 0.0  # K = 1: no pairs
+
+
+def softmax_logits(probs):
+    """Logits whose softmax over the queries and a background slot (logit 0) gives ``probs``."""
+    p = torch.as_tensor(probs, dtype=torch.float64)
+    return p.log() - (1 - p.sum(dim=1, keepdim=True)).log()
+
+
+def test_softmax_background_is_the_mean_over_points_of_the_summed_probability():
+    # Two background points with p = [1/4, 1/2] and [3/8, 1/2] (background slot 1/4 and 1/8), one
+    # instance point. B = mean(3/4, 7/8) = 13/16, in [0, 1] as in sigmoid mode; the mean over
+    # queries too (13/32) would shrink the term by M.
+    x = softmax_logits([[0.25, 0.5], [0.375, 0.5], [0.6, 0.3]])
+    out = MaskInfluencerLoss(mask_prob="softmax")(x, torch.tensor([0, 0, 1]))
+    assert out["background"].item() == pytest.approx(13 / 16, abs=1e-12)
+    sigmoid = MaskInfluencerLoss(mask_prob="sigmoid")(logit([[0.25, 0.5], [0.375, 0.5], [0.6, 0.3]]),
+                                                      torch.tensor([0, 0, 1]))
+    assert sigmoid["background"].item() == pytest.approx(13 / 32, abs=1e-12)  # mean over queries
 
 
 def test_softmax_with_one_query_equals_sigmoid():
@@ -312,11 +332,329 @@ def test_hand_written_backward_matches_numerical_gradients(mask_prob, monkeypatc
     masks[2] = False  # an empty instance
     background = torch.rand(13) > 0.4
 
-    def terms(logits):
-        g, bg_sum, _, _ = influencer._MaskMatrixTerms.apply(logits, masks, background, mask_prob)
-        return g, bg_sum
+    foreground = masks.any(dim=0)
+    foreground[0] = True  # a point outside every instance but counted as foreground
 
-    assert gradcheck(terms, (x,), eps=1e-6, atol=1e-6)
-    loss = MaskInfluencerLoss(mask_prob=mask_prob, margin=1.5, temperature=0.7)
-    assert gradcheck(lambda z: loss.forward_masks(z, masks[:2], background)["loss"], (x,),
-                     eps=1e-6, atol=1e-6)
+    for want_log, want_prob, fg in [(True, False, None), (False, True, None),
+                                    (True, True, foreground), (False, False, foreground)]:
+        def terms(logits, want_log=want_log, want_prob=want_prob, fg=fg):
+            out = influencer._MaskMatrixTerms.apply(logits, masks, background, fg, mask_prob,
+                                                    want_log, want_prob)
+            return out[:4]  # log sums, prob sums, foreground prob sums, background sum
+
+        assert gradcheck(terms, (x,), eps=1e-6, atol=1e-6), (want_log, want_prob, fg is not None)
+    # The whole loss, except spill: its weights c_km are detached, so its gradient is by design
+    # not the numerical derivative (test_spill_gradient_holds_the_assignment_fixed checks it).
+    for mean in ("geometric", "arithmetic"):
+        for duplicate in (0.0, 1.3):
+            loss = MaskInfluencerLoss(mask_prob=mask_prob, margin=1.5, temperature=0.7, mean=mean,
+                                      duplicate_weight=duplicate)
+            assert gradcheck(lambda z: loss.forward_masks(z, masks[:2], background)["loss"], (x,),
+                             eps=1e-6, atol=1e-6), (mean, duplicate)
+
+
+# ------------------------------------------------------------------------------------------
+# Arithmetic mean, spill-over and duplicate terms
+
+# Instance 1 = points 0, 1; instance 2 = point 2; point 3 is background.
+PROBS2 = [[0.9, 0.2], [0.5, 0.4], [0.1, 0.7], [0.2, 0.6]]
+
+
+@pytest.mark.parametrize("mask_prob", ["sigmoid", "softmax"])
+def test_arithmetic_mean_matches_hand_computed_formula(mask_prob):
+    x = logit(PROBS2) if mask_prob == "sigmoid" else softmax_logits(
+        [[0.6, 0.2], [0.2, 0.4], [0.1, 0.7], [0.2, 0.6]])
+    out = MaskInfluencerLoss(mask_prob=mask_prob, mean="arithmetic", margin=1.5, eps=0.0)(
+        x, LABELS)
+    if mask_prob == "sigmoid":
+        # P_1 = [(.9 + .5) / 2, (.2 + .4) / 2] = [.7, .3], P_2 = [.1, .7]
+        p1, p2, background = [0.7, 0.3], [0.1, 0.7], (0.2 + 0.6) / 2
+    else:
+        # P_1 = [(.6 + .2) / 2, (.2 + .4) / 2] = [.4, .3]; background: .2 + .6 (summed)
+        p1, p2, background = [0.4, 0.3], [0.1, 0.7], 0.8
+    assert torch.allclose(out["log_geomean"].exp(), torch.tensor([p1, p2], dtype=torch.float64))
+    attractive = (-math.log(sum(p1)) - math.log(sum(p2))) / 2
+    distance = math.dist(p1, p2)
+    assert out["attractive"].item() == pytest.approx(attractive, abs=1e-9)
+    assert out["repulsive"].item() == pytest.approx(1.5 - distance, abs=1e-9)
+    assert out["background"].item() == pytest.approx(background, abs=1e-9)
+    # The geometric mean of the same points is lower: sqrt(.9 * .5) < .7.
+    if mask_prob == "sigmoid":
+        geometric = MaskInfluencerLoss(margin=1.5, eps=0.0)(x, LABELS)["log_geomean"].exp()
+        assert geometric[0, 0].item() == pytest.approx(math.sqrt(0.45), abs=1e-9)
+
+
+def test_arithmetic_mean_of_zero_probabilities_is_clamped_not_minus_infinity():
+    x = torch.tensor([[-200.0, 5.0], [-200.0, 5.0]], requires_grad=True)  # sigmoid(-200) = 0 in fp32
+    out = MaskInfluencerLoss(mean="arithmetic")(x, torch.tensor([1, 1]))
+    assert out["log_geomean"][0, 0].item() == pytest.approx(math.log(torch.finfo(torch.float32).tiny))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and torch.isfinite(x.grad).all()
+
+
+def test_spill_matches_hand_computed_formula():
+    # T = 1, geometric g. F = {0, 1, 2}.
+    # Instance 1: P_1 = [sqrt(.9 * .5), sqrt(.2 * .4)], its other-instance points are {2}:
+    #   o_1 = [.1, .7]. Instance 2: P_2 = [.1, .7], other points {0, 1}: o_2 = [.7, .3].
+    # c_k = softmax_m(g_km) = P_k / sum_m P_km.
+    loss = MaskInfluencerLoss(spill_weight=1.0, attr_weight=0.0, rep_weight=0.0, bg_weight=0.0)
+    out = loss(logit(PROBS2), LABELS)
+    p1 = [math.sqrt(0.45), math.sqrt(0.08)]
+    spill_1 = (p1[0] * 0.1 + p1[1] * 0.7) / sum(p1)
+    spill_2 = (0.1 * 0.7 + 0.7 * 0.3) / 0.8
+    assert out["spill"].item() == pytest.approx((spill_1 + spill_2) / 2, abs=1e-9)
+    assert out["loss"].item() == pytest.approx((spill_1 + spill_2) / 2, abs=1e-9)
+    # Temperature 0.5 sharpens c_k to P_k^2 / sum_m P_km^2; a weight scales the term into the loss.
+    cold = MaskInfluencerLoss(spill_weight=2.0, temperature=0.5)(logit(PROBS2), LABELS)
+    spill_1 = (0.45 * 0.1 + 0.08 * 0.7) / 0.53
+    spill_2 = (0.01 * 0.7 + 0.49 * 0.3) / 0.5
+    assert cold["spill"].item() == pytest.approx((spill_1 + spill_2) / 2, abs=1e-9)
+    plain = MaskInfluencerLoss(temperature=0.5)(logit(PROBS2), LABELS)
+    assert cold["loss"].item() == pytest.approx(
+        plain["loss"].item() + 2.0 * (spill_1 + spill_2) / 2, abs=1e-9)
+
+
+def test_spill_softmax_arithmetic_and_a_lone_instance():
+    # Softmax, arithmetic: P_1 = [.4, .3] (see above), P_2 = [.1, .7]; o_1 = [.1, .7] (point 2),
+    # o_2 = mean of points 0, 1 = [.4, .3]. Background point 3 does not count.
+    probs = [[0.6, 0.2], [0.2, 0.4], [0.1, 0.7], [0.2, 0.6]]
+    out = MaskInfluencerLoss(mask_prob="softmax", mean="arithmetic", spill_weight=1.0)(
+        softmax_logits(probs), LABELS)
+    spill_1 = (0.4 * 0.1 + 0.3 * 0.7) / 0.7
+    spill_2 = (0.1 * 0.4 + 0.7 * 0.3) / 0.8
+    assert out["spill"].item() == pytest.approx((spill_1 + spill_2) / 2, abs=1e-9)
+    # One instance: no other instance points, so nothing spills (background is B's job).
+    alone = MaskInfluencerLoss(spill_weight=1.0)(logit(PROBS2), torch.tensor([1, 1, 0, 0]))
+    assert alone["spill"].item() == 0.0
+
+
+def test_duplicate_matches_hand_computed_formula_and_spares_the_strongest_query():
+    # P_1 = [sqrt(.45), sqrt(.08)]: all but the strongest = sqrt(.08); P_2 = [.1, .7]: .1.
+    x = logit(PROBS2).requires_grad_()
+    loss = MaskInfluencerLoss(duplicate_weight=1.0, attr_weight=0.0, rep_weight=0.0,
+                              bg_weight=0.0)
+    out = loss(x, LABELS)
+    assert out["duplicate"].item() == pytest.approx((math.sqrt(0.08) + 0.1) / 2, abs=1e-9)
+    out["loss"].backward()
+    # Query 0 is instance 1's strongest, query 1 instance 2's: no gradient there, only on the
+    # other query of each instance; none on the background point.
+    assert x.grad[:2, 0].abs().max() == 0 and x.grad[2, 1] == 0
+    assert (x.grad[:2, 1] > 0).all() and x.grad[2, 0] > 0  # pushed down
+    assert (x.grad[3] == 0).all()
+    one_query = MaskInfluencerLoss(duplicate_weight=1.0)(logit([[0.9, 1e-12]] * 2),
+                                                         torch.tensor([1, 1]))
+    assert one_query["duplicate"].item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_new_terms_are_zero_and_skipped_when_off():
+    torch.manual_seed(5)
+    x = torch.randn(30, 4, dtype=torch.float64)
+    labels = torch.randint(0, 4, (30,))
+    off = MaskInfluencerLoss(mask_prob="softmax")(x, labels)
+    assert off["spill"].item() == 0.0 and off["duplicate"].item() == 0.0
+    on = MaskInfluencerLoss(mask_prob="softmax", spill_weight=0.5, duplicate_weight=0.25)(x, labels)
+    assert on["spill"].item() > 0 and on["duplicate"].item() > 0
+    assert on["loss"].item() == pytest.approx(
+        off["loss"].item() + 0.5 * on["spill"].item() + 0.25 * on["duplicate"].item(), abs=1e-9)
+
+
+def dense_loss(x, masks, background, mask_prob, mean, temperature, margin, spill, duplicate):
+    """The module docstring's formulas on dense (N, M) tensors with plain autograd."""
+    log_p = mask_log_probs(x, mask_prob)  # (N, M)
+    p = log_p.exp()
+    member = masks.to(x.dtype)  # (K, N)
+    counts = member.sum(1)
+    if mean == "geometric":
+        g = member @ log_p / counts[:, None]
+    else:
+        g = (member @ p / counts[:, None]).log()
+    attraction = (-temperature * torch.logsumexp(g / temperature, dim=1)).mean()
+    profiles = g.exp()
+    k = len(profiles)
+    pairs = [(a, b) for a in range(k) for b in range(k) if a != b]
+    repulsion = sum(torch.relu(margin - ((profiles[a] - profiles[b]) ** 2).sum().add(1e-6).sqrt())
+                    for a, b in pairs) / max(len(pairs), 1)
+    if mask_prob == "sigmoid":
+        bg_term = p[background].mean()
+    else:
+        bg_term = p[background].sum(1).mean()
+    total = attraction + repulsion + bg_term
+    foreground = masks.any(0)
+    c = torch.softmax(g.detach() / temperature, dim=1)
+    spill_k = []
+    for row in range(k):
+        others = foreground & ~masks[row]
+        spill_k.append((c[row] * p[others].mean(0)).sum())
+    total = total + spill * torch.stack(spill_k).mean()
+    total = total + duplicate * (profiles.sum(1) - profiles.max(1).values).mean()
+    return total
+
+
+@pytest.mark.parametrize("mask_prob", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("mean", ["geometric", "arithmetic"])
+def test_spill_gradient_holds_the_assignment_fixed(mask_prob, mean, monkeypatch):
+    """The fused loss equals the dense formulas, values and gradients, over several CPU chunks."""
+    from ifsearch.losses import influencer
+
+    monkeypatch.setattr(influencer, "CPU_CHUNK_ELEMENTS", 20)
+    torch.manual_seed(6)
+    x = (torch.randn(23, 5, dtype=torch.float64) * 2).requires_grad_()
+    labels = torch.randint(0, 4, (23,))
+    labels[:3] = torch.tensor([1, 2, 3])  # every instance non-empty
+    masks = labels[None, :] == torch.arange(1, 4)[:, None]
+    background = labels == 0
+    loss = MaskInfluencerLoss(mask_prob=mask_prob, mean=mean, temperature=0.6, margin=1.4,
+                              spill_weight=0.7, duplicate_weight=0.4)
+    fused = loss.forward_masks(x, masks, background)["loss"]
+    (fused_grad,) = torch.autograd.grad(fused, x)
+    dense = dense_loss(x, masks, background, mask_prob, mean, 0.6, 1.4, 0.7, 0.4)
+    (dense_grad,) = torch.autograd.grad(dense, x)
+    assert fused.item() == pytest.approx(dense.item(), abs=1e-10)
+    assert torch.allclose(fused_grad, dense_grad, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------
+# Class targets on hand-built claim matrices
+
+C = 3  # real classes; index 3 is "no object"
+# Instance 0 (class 1) and instance 1 (class 2) are both claimed most strongly by query 0, which
+# claims instance 1 more (.7 > .6); instance 2 (class 0) by query 1.
+CLAIMS = torch.tensor([[0.6, 0.2, 0.1, 0.05],
+                       [0.7, 0.1, 0.3, 0.05],
+                       [0.1, 0.4, 0.2, 0.05]]).log()
+CLAIM_LABELS = torch.tensor([1, 2, 0])
+
+
+@pytest.mark.parametrize("threshold, expected", [(0.5, [2, C, C, C]), (0.25, [2, 0, 2, C]),
+                                                 (0.01, [2, 0, 2, 1])])
+def test_threshold_class_targets(threshold, expected):
+    got = class_targets(CLAIMS, CLAIM_LABELS, C, "threshold", threshold)
+    assert got.tolist() == expected
+
+
+def test_best_query_class_targets():
+    # Query 0 is the strongest for instances 0 and 1 and takes instance 1 (.7); instance 0 gets
+    # no query; query 1 takes instance 2; queries 2 and 3 are no object, whatever their claims.
+    assert class_targets(CLAIMS, CLAIM_LABELS, C, "best_query").tolist() == [2, 0, C, C]
+    # No absolute threshold: weak claims still give the class.
+    weak = (CLAIMS.exp() / 100).log()
+    assert class_targets(weak, CLAIM_LABELS, C, "best_query").tolist() == [2, 0, C, C]
+
+
+def test_soft_class_targets():
+    # Column sums of P: 1.4, .7, .6, .15; only query 0's are scaled (by 1 / 1.4).
+    expected = torch.tensor([
+        # class 0,  class 1,   class 2,   no object
+        [0.1 / 1.4, 0.6 / 1.4, 0.7 / 1.4, 0.0],
+        [0.4, 0.2, 0.1, 0.3],
+        [0.2, 0.1, 0.3, 0.4],
+        [0.05, 0.05, 0.05, 0.85],
+    ])
+    got = class_targets(CLAIMS, CLAIM_LABELS, C, "soft")
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(got.sum(1), torch.ones(4))
+
+
+def test_class_target_ties_go_to_the_lowest_index():
+    half = math.log(0.5)
+    # Instance 0 claims queries 0 and 1 equally: query 0 is its strongest. Instances 0 and 1
+    # claim query 0 equally: it takes instance 0.
+    claims = torch.tensor([[half, half, -3.0], [half, -2.0, -3.0]])
+    labels = torch.tensor([1, 2])
+    assert class_targets(claims, labels, C, "best_query").tolist() == [1, C, C]
+    # Threshold: the tie between instances on query 0 also goes to instance 0.
+    assert class_targets(claims, labels, C, "threshold", 0.4).tolist() == [1, 1, C]
+
+
+@pytest.mark.parametrize("rule", ["threshold", "best_query", "soft"])
+def test_class_targets_without_instances_and_with_empty_ones(rule):
+    none = class_targets(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), C, rule)
+    # An empty instance (g = 0, i.e. "P = 1", from 0 / 1 points) must not hand out its class.
+    empty = class_targets(torch.zeros(1, 4), torch.tensor([2]), C, rule,
+                          valid=torch.tensor([False]))
+    for got in (none, empty):
+        if rule == "soft":
+            assert torch.equal(got, torch.tensor([[0.0, 0.0, 0.0, 1.0]] * 4))
+        else:
+            assert got.tolist() == [C] * 4
+
+
+def test_soft_cross_entropy_equals_mask2former_cross_entropy_on_one_hot_targets():
+    torch.manual_seed(7)
+    logits = torch.randn(2, 5, C + 1)
+    hard = torch.tensor([[0, 3, 3, 2, 3], [1, 1, 3, 3, 0]])
+    weight = torch.tensor([1.0, 1.0, 1.0, 0.1])
+    expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), hard, weight=weight)
+    one_hot = torch.nn.functional.one_hot(hard, C + 1).float()
+    assert soft_cross_entropy(logits, one_hot, weight).item() == pytest.approx(
+        expected.item(), abs=1e-6)
+    # A mixed target is the weighted mix of the two cross-entropies' numerators.
+    mixed = one_hot.clone()
+    mixed[0, 0] = torch.tensor([0.5, 0.0, 0.0, 0.5])
+    log_q = torch.log_softmax(logits, -1)
+    numerator = -(one_hot * weight * log_q).sum() + 0.5 * log_q[0, 0, 0] \
+        - 0.5 * 0.1 * log_q[0, 0, 3]
+    denominator = (one_hot * weight).sum() - 0.5 + 0.05
+    assert soft_cross_entropy(logits, mixed, weight).item() == pytest.approx(
+        (numerator / denominator).item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["threshold", "best_query", "soft"])
+def test_class_loss_never_reaches_the_mask_logits(rule):
+    torch.manual_seed(8)
+    masks = [torch.randn(30, 4, requires_grad=True)]
+    outputs = _outputs(masks)
+    outputs["pred_logits"].requires_grad_(True)
+    targets = [{"labels": torch.tensor([2, 0]), "masks": torch.rand(2, 30) > 0.5}]
+    losses = InfluencerCriterion(num_classes=3, class_target=rule, claim_threshold=0.01)(
+        outputs, targets)
+    mask_grad, logits_grad = torch.autograd.grad(
+        losses["loss_class"], [masks[0], outputs["pred_logits"]], allow_unused=True)
+    assert mask_grad is None or mask_grad.abs().max() == 0
+    assert logits_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("rule", ["threshold", "best_query", "soft"])
+def test_criterion_class_loss_uses_the_rule(rule):
+    # Sigmoid masks: query 1 claims instance 0 (class 2) and query 2 instance 1 (class 0), with
+    # p ~ 1 on their points; every other claim is ~0. All three rules then agree.
+    mask = torch.full((20, 4), -12.0)
+    mask[:10, 1] = 12.0
+    mask[10:15, 2] = 12.0
+    targets = [{"labels": torch.tensor([2, 0]),
+                "masks": torch.stack([torch.arange(20) < 10,
+                                      (torch.arange(20) >= 10) & (torch.arange(20) < 15)])}]
+    outputs = _outputs([mask], num_queries=4)
+    criterion = InfluencerCriterion(num_classes=3, class_target=rule)
+    loss = criterion(outputs, targets)["loss_class"]
+    hard = torch.tensor([[3, 2, 0, 3]])
+    weight = torch.tensor([1.0, 1.0, 1.0, 0.1])
+    expected = 2.0 * torch.nn.functional.cross_entropy(outputs["pred_logits"].transpose(1, 2),
+                                                       hard, weight=weight)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_criterion_reports_new_terms_only_when_weighted():
+    masks = [torch.randn(30, 4), torch.randn(20, 4)]
+    targets = [{"labels": torch.tensor([0, 1]), "masks": torch.rand(2, 30) > 0.5},
+               {"labels": torch.tensor([2]), "masks": torch.rand(1, 20) > 0.5}]
+    plain = InfluencerCriterion(num_classes=3)(_outputs(masks, aux=1), targets)
+    assert not any("spill" in k or "duplicate" in k for k in plain)
+    both = InfluencerCriterion(num_classes=3, spill_weight=0.5, duplicate_weight=2.0)(
+        _outputs(masks, aux=1), targets)
+    assert {"loss_spill", "loss_duplicate", "loss_spill_0", "loss_duplicate_0"} <= set(both)
+    direct = [MaskInfluencerLoss(spill_weight=0.5, duplicate_weight=2.0).forward_masks(m, t["masks"])
+              for m, t in zip(masks, targets)]
+    assert both["loss_spill"].item() == pytest.approx(
+        0.5 * sum(d["spill"].item() for d in direct) / 2, abs=1e-6)
+    assert both["loss_duplicate"].item() == pytest.approx(
+        2.0 * sum(d["duplicate"].item() for d in direct) / 2, abs=1e-6)
+
+
+def test_config_choices_match_the_loss_modules():
+    from ifsearch import config
+    from ifsearch.losses import criterion, influencer
+
+    assert config.CLASS_TARGETS == criterion.CLASS_TARGETS
+    assert config.MEANS == influencer.MEANS
+    assert config.MASK_PROB_MODES == influencer.MASK_PROB_MODES

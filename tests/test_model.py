@@ -116,3 +116,41 @@ def test_every_parameter_gets_a_gradient(images):
     (masks + out["pred_logits"].sum()).backward()
     unused = [n for n, p in model.named_parameters() if p.grad is None]
     assert not unused
+
+
+def test_masked_attention_reads_the_mask_as_the_loss_does():
+    """Blocked where p < 0.5 in the configured mode: a logit above 0 is p > 0.5 for a sigmoid but
+    not for a softmax over the queries and a background slot."""
+    from ifsearch.models import MaskDecoder
+
+    # Four points, two queries: (L, M) logits.
+    logits = torch.tensor([[2.0, -3.0],  # sigmoid .88/.05; softmax e^2 / (1 + e^2 + e^-3) = .88
+                           [1.0, 1.0],  # sigmoid .73 each; softmax e / (1 + 2e) = .42 each
+                           [-3.0, 2.0],
+                           [-1.0, -1.0]])[None]  # (B=1, L=4, M=2)
+    expected = {  # (M, L) True = blocked
+        "sigmoid": [[False, False, True, True], [True, False, False, True]],
+        "softmax": [[False, True, True, True], [True, True, False, True]],
+    }
+    for mask_prob, blocked in expected.items():
+        decoder = MaskDecoder(dim=8, num_classes=2, num_queries=2, num_layers=1, num_heads=2,
+                              ffn_dim=8, masked_attention=True, mask_prob=mask_prob)
+        got = decoder._attention_mask(logits, padding=None)  # (B * heads, M, L)
+        assert got.tolist() == [blocked, blocked], mask_prob
+
+
+def test_build_model_gives_masked_attention_the_criterion_mask_prob():
+    from ifsearch.config import Config
+    from ifsearch.train import build_model
+
+    config = Config()
+    config.model.embed_dim, config.model.num_heads = 16, 2
+    for name, mask_prob, expected in [("influencer", "softmax", "softmax"),
+                                      ("influencer", "sigmoid", "sigmoid"),
+                                      ("hungarian", "softmax", "sigmoid")]:
+        config.loss.name, config.loss.mask_prob = name, mask_prob
+        assert build_model(config, 3).decoder.mask_prob == expected
+    config.data.name = "coco"
+    config.loss.name, config.loss.mask_prob = "influencer", "softmax"
+    config.model.backbone_channels = [8, 16]
+    assert build_model(config, 3).decoder.mask_prob == "softmax"

@@ -34,6 +34,10 @@ def build_criterion(config: LossConfig, num_classes: int) -> nn.Module:
             no_object_weight=config.no_object_weight,
             claim_threshold=config.claim_threshold,
             deep_supervision=config.deep_supervision,
+            class_target=config.class_target,
+            mean=config.mean,
+            spill_weight=config.spill_weight,
+            duplicate_weight=config.duplicate_weight,
         )
     if config.name == "hungarian":
         matcher = HungarianMatcher(

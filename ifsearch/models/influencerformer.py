@@ -11,7 +11,8 @@ from ifsearch.models.mask_decoder import MaskDecoder
 from ifsearch.models.point_encoder import PointEncoder
 
 
-def _decoder(config: ModelConfig, num_classes: int, num_feature_levels: int = 0) -> MaskDecoder:
+def _decoder(config: ModelConfig, num_classes: int, num_feature_levels: int = 0,
+             mask_prob: str = "sigmoid") -> MaskDecoder:
     return MaskDecoder(
         dim=config.embed_dim,
         num_classes=num_classes,
@@ -22,6 +23,7 @@ def _decoder(config: ModelConfig, num_classes: int, num_feature_levels: int = 0)
         dropout=config.dropout,
         masked_attention=config.masked_attention,
         num_feature_levels=num_feature_levels,
+        mask_prob=mask_prob,
     )
 
 
@@ -35,13 +37,16 @@ class InfluencerFormer(nn.Module):
         config: model section of the config.
         num_classes: C real classes.
         in_dim: input channels per point.
+        mask_prob: how masked attention reads the mask logits, as the criterion does ("sigmoid"
+            or "softmax"; ``train.inference_mask_prob``).
     """
 
-    def __init__(self, config: ModelConfig, num_classes: int, in_dim: int = 6) -> None:
+    def __init__(self, config: ModelConfig, num_classes: int, in_dim: int = 6,
+                 mask_prob: str = "sigmoid") -> None:
         super().__init__()
         self.encoder = PointEncoder(in_dim, config.embed_dim, config.encoder_layers,
                                     config.k_neighbors)
-        self.decoder = _decoder(config, num_classes)
+        self.decoder = _decoder(config, num_classes, mask_prob=mask_prob)
 
     def forward(self, points: list[torch.Tensor]) -> dict:
         """points: per scene (N_i, in_dim) -> {"pred_logits", "pred_masks", "aux_outputs"}."""
@@ -58,14 +63,16 @@ class ImageInfluencerFormer(nn.Module):
     Args:
         config: model section of the config.
         num_classes: C real classes.
+        mask_prob: how masked attention reads the mask logits (see ``InfluencerFormer``).
     """
 
-    def __init__(self, config: ModelConfig, num_classes: int) -> None:
+    def __init__(self, config: ModelConfig, num_classes: int, mask_prob: str = "sigmoid") -> None:
         super().__init__()
         channels = list(config.backbone_channels)
         self.backbone = ImageBackbone(channels, config.backbone_blocks)
         self.pixel_decoder = PixelDecoder(channels, config.embed_dim)
-        self.decoder = _decoder(config, num_classes, num_feature_levels=len(channels) - 1)
+        self.decoder = _decoder(config, num_classes, num_feature_levels=len(channels) - 1,
+                                mask_prob=mask_prob)
 
     def forward(self, images: torch.Tensor) -> dict:
         """images (B, 3, H, W), H and W divisible by 4 * 2**(stages - 1) for exact strides."""

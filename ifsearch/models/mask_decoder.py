@@ -9,9 +9,16 @@ earlier ones are ``aux_outputs`` for deep supervision.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ifsearch.losses.influencer import mask_log_probs
+
+# Masked attention lets query m see point i when p_im >= 0.5 (Mask2Former's sigmoid > 0.5).
+LOG_HALF = math.log(0.5)
 
 
 class DecoderLayer(nn.Module):
@@ -73,16 +80,20 @@ class MaskDecoder(nn.Module):
         ffn_dim: hidden width of the FFN.
         dropout: attention/FFN dropout.
         masked_attention: restrict each query's cross-attention to the points its previous-layer
-            mask claims (sigmoid > 0.5); a query claiming nothing attends everywhere.
+            mask claims (p > 0.5); a query claiming nothing attends everywhere.
         num_feature_levels: image feature levels the queries visit (0 for point clouds).
+        mask_prob: how p is read from the mask logits, as the loss reads it ("sigmoid", or
+            "softmax" over the queries and a background slot; ``mask_log_probs``).
     """
 
     def __init__(self, dim: int, num_classes: int, num_queries: int, num_layers: int,
                  num_heads: int, ffn_dim: int, dropout: float = 0.0,
-                 masked_attention: bool = False, num_feature_levels: int = 0) -> None:
+                 masked_attention: bool = False, num_feature_levels: int = 0,
+                 mask_prob: str = "sigmoid") -> None:
         super().__init__()
         self.num_heads = num_heads
         self.masked_attention = masked_attention
+        self.mask_prob = mask_prob
         self.query_feat = nn.Embedding(num_queries, dim)
         self.query_pos = nn.Embedding(num_queries, dim)
         # Positional information: an MLP of xyz for points, a learned embedding per image level
@@ -177,11 +188,15 @@ class MaskDecoder(nn.Module):
     def _attention_mask(self, mask_logits: torch.Tensor, padding: torch.Tensor | None):
         """(B*heads, M, L) bool, True = blocked, or None when masked attention is off.
 
+        Blocked where log p_im < log 0.5 with p read as the loss reads it (``mask_prob``): in
+        softmax mode a logit above 0 is not yet p > 0.5, since the queries share each point.
+
         mask_logits: (B, L, M); padding: (B, L) True = padded position, or None (images).
         """
         if not self.masked_attention:
             return None
-        blocked = (mask_logits.detach() < 0).transpose(1, 2)  # (B, M, L)
+        log_p = mask_log_probs(mask_logits.detach().float(), self.mask_prob)  # (B, L, M)
+        blocked = (log_p < LOG_HALF).transpose(1, 2)  # (B, M, L)
         if padding is not None:
             blocked = blocked | padding[:, None, :]
         # A query that claims no point would attend to nothing (NaN): let it see every real point.
