@@ -46,11 +46,13 @@ def test_smoke_run_writes_the_table(tmp_path):
             case.n, case.m, case.k, case.batch]
         assert row[headers.index("device")] == "cpu"
         assert row[headers.index("mask_prob")] == case.mask_prob
+        assert row[headers.index("variant")] == case.variant
         for column in ("influencer ms", "hungarian ms", "floor ms", "Hungarian/Influencer",
                        "Influencer/floor"):
             assert float(row[headers.index(column)]) > 0, (column, row)
     assert {r.case.mask_prob for r in results} == {"softmax", "sigmoid"}
     assert any(r.case.aux for r in results)  # the deep-supervision row runs too
+    assert {r.case.variant for r in results} == {"geometric", "arithmetic", "geometric + spill"}
     assert not list(tmp_path.glob("*.png"))  # no plot in smoke mode
 
 

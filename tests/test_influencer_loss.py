@@ -75,8 +75,8 @@ def test_softmax_background_is_the_mean_over_points_of_the_summed_probability():
     x = softmax_logits([[0.25, 0.5], [0.375, 0.5], [0.6, 0.3]])
     out = MaskInfluencerLoss(mask_prob="softmax")(x, torch.tensor([0, 0, 1]))
     assert out["background"].item() == pytest.approx(13 / 16, abs=1e-12)
-    sigmoid = MaskInfluencerLoss(mask_prob="sigmoid")(logit([[0.25, 0.5], [0.375, 0.5], [0.6, 0.3]]),
-                                                      torch.tensor([0, 0, 1]))
+    probs = [[0.25, 0.5], [0.375, 0.5], [0.6, 0.3]]
+    sigmoid = MaskInfluencerLoss(mask_prob="sigmoid")(logit(probs), torch.tensor([0, 0, 1]))
     assert sigmoid["background"].item() == pytest.approx(13 / 32, abs=1e-12)  # mean over queries
 
 
@@ -185,13 +185,24 @@ def test_invalid_arguments():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to detect host syncs")
-def test_no_host_sync_on_gpu():
+@pytest.mark.parametrize("mask_prob", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("variant", [{}, {"mean": "arithmetic"},
+                                     {"spill_weight": 1.0, "duplicate_weight": 1.0}])
+def test_no_host_sync_on_gpu(mask_prob, variant):
     x = torch.randn(1000, 16, device="cuda", requires_grad=True)
     masks = torch.rand(5, 1000, device="cuda") > 0.7
-    loss = MaskInfluencerLoss(mask_prob="softmax")
+    loss = MaskInfluencerLoss(mask_prob=mask_prob, **variant)
+    criteria = [InfluencerCriterion(num_classes=3, mask_prob=mask_prob, class_target=rule,
+                                    **variant).cuda()
+                for rule in ("threshold", "best_query", "soft")]
+    outputs = {"pred_logits": torch.randn(1, 16, 4, device="cuda", requires_grad=True),
+               "pred_masks": [x]}
+    targets = [{"labels": torch.randint(0, 3, (5,), device="cuda"), "masks": masks}]
     torch.cuda.set_sync_debug_mode("error")
     try:
         loss.forward_masks(x, masks)["loss"].backward()
+        for criterion in criteria:
+            sum(criterion(outputs, targets).values()).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -385,9 +396,10 @@ def test_arithmetic_mean_matches_hand_computed_formula(mask_prob):
 
 
 def test_arithmetic_mean_of_zero_probabilities_is_clamped_not_minus_infinity():
-    x = torch.tensor([[-200.0, 5.0], [-200.0, 5.0]], requires_grad=True)  # sigmoid(-200) = 0 in fp32
+    x = torch.tensor([[-200.0, 5.0], [-200.0, 5.0]], requires_grad=True)  # fp32 sigmoid(-200) = 0
     out = MaskInfluencerLoss(mean="arithmetic")(x, torch.tensor([1, 1]))
-    assert out["log_geomean"][0, 0].item() == pytest.approx(math.log(torch.finfo(torch.float32).tiny))
+    tiny = torch.finfo(torch.float32).tiny
+    assert out["log_geomean"][0, 0].item() == pytest.approx(math.log(tiny))
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and torch.isfinite(x.grad).all()
 
@@ -643,8 +655,8 @@ def test_criterion_reports_new_terms_only_when_weighted():
     both = InfluencerCriterion(num_classes=3, spill_weight=0.5, duplicate_weight=2.0)(
         _outputs(masks, aux=1), targets)
     assert {"loss_spill", "loss_duplicate", "loss_spill_0", "loss_duplicate_0"} <= set(both)
-    direct = [MaskInfluencerLoss(spill_weight=0.5, duplicate_weight=2.0).forward_masks(m, t["masks"])
-              for m, t in zip(masks, targets)]
+    loss = MaskInfluencerLoss(spill_weight=0.5, duplicate_weight=2.0)
+    direct = [loss.forward_masks(m, t["masks"]) for m, t in zip(masks, targets)]
     assert both["loss_spill"].item() == pytest.approx(
         0.5 * sum(d["spill"].item() for d in direct) / 2, abs=1e-6)
     assert both["loss_duplicate"].item() == pytest.approx(

@@ -6,21 +6,24 @@ given), over the non-empty instances k:
 
     log p_im = logsigmoid(x_im)                          ("sigmoid")
              = log_softmax([x_i1 .. x_iM, 0])_m           ("softmax": M queries + a background slot)
-    g_km     = mean_{i in S_k} log p_im                   ("geometric", the seed: log geometric mean)
+    g_km     = mean_{i in S_k} log p_im                   ("geometric", the seed)
              = log max(mean_{i in S_k} p_im, tiny)        ("arithmetic", the seed's ablation)
     A        = mean_k  -T * logsumexp_m(g_km / T)         attraction: some query claims all of k
     P_k      = exp(g_k.)                                  the instance's query profile, in [0, 1]^M
     R        = mean_{k != l} max(0, margin - sqrt(||P_k - P_l||^2 + eps))
     B        = mean_{i in Bg} mean_m p_im                 ("sigmoid") background suppression
-             = mean_{i in Bg} sum_m p_im                  ("softmax") = mean_i 1 - p(background slot)
+             = mean_{i in Bg} sum_m p_im                  ("softmax"): 1 - p(background slot)
     Spill    = mean_k sum_m c_km o_km                     spill-over onto other instances
         c_km = softmax_m(g_km / T), detached              instance k's soft assignment to queries
         o_km = (U_m - V_km) / max(|F| - |S_k|, 1)         query m's mean p over the other instances
         V_km = sum_{i in S_k} p_im,  U_m = sum_{i in F} p_im
     Dup      = mean_k (sum_m P_km - max_m P_km)           claims on k by all but its strongest query
-    loss     = attr_weight A + rep_weight R + bg_weight B + spill_weight Spill + duplicate_weight Dup
+    loss     = attr_weight A + rep_weight R + bg_weight B
+               + spill_weight Spill + duplicate_weight Dup
 
-Every term is in [0, 1] except A (in [0, inf) for T = 1). Why each piece:
+B and Spill are in [0, 1], R in [0, margin], Dup in [0, 1] in softmax mode (a point's p sums to at
+most 1 over the queries, and a geometric or arithmetic mean over points keeps that) and in
+[0, M - 1] in sigmoid mode. Why each piece:
 
 - B is normalised so that ``bg_weight`` means the same in both modes: in sigmoid mode each query's
   p_im is in [0, 1] and the mean over queries is; in softmax mode the queries share one unit of
@@ -82,7 +85,7 @@ def mask_log_probs(mask_logits: torch.Tensor, mask_prob: str) -> torch.Tensor:
 
 
 class MaskInfluencerLoss(nn.Module):
-    """Influencer Loss on an (N, M) mask matrix: attraction, repulsion, background (+ optional terms).
+    """Influencer Loss on an (N, M) mask matrix: attraction, repulsion, background, options.
 
     Args:
         attr_weight: weight of the attraction term A.
@@ -308,7 +311,9 @@ class _MaskMatrixTerms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, masks, background, foreground, mask_prob, want_log, want_prob):  # noqa: D102
+    def forward(  # noqa: D102
+        ctx, x, masks, background, foreground, mask_prob, want_log, want_prob
+    ):
         n, m = x.shape
         member = masks.to(x.dtype)  # (K, N): one copy, 1/M of the logits, sliced per chunk
         num_instances = member.shape[0]
@@ -366,7 +371,7 @@ class _MaskMatrixTerms(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_log, grad_prob, grad_fg, grad_bg, _grad_counts, _grad_num_bg):  # noqa: D102
+    def backward(ctx, grad_log, grad_prob, grad_fg, grad_bg, _grad_counts, _grad_nbg):  # noqa: D102
         x, member, bg, fg, lse = ctx.saved_tensors
         grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)  # (N, M)
         d_log = grad_log.to(x.dtype) if ctx.want_log and grad_log is not None else None  # (K, M)
