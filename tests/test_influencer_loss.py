@@ -670,3 +670,28 @@ def test_config_choices_match_the_loss_modules():
     assert config.CLASS_TARGETS == criterion.CLASS_TARGETS
     assert config.MEANS == influencer.MEANS
     assert config.MASK_PROB_MODES == influencer.MASK_PROB_MODES
+
+
+@pytest.mark.parametrize("rule", ["threshold", "best_query", "soft"])
+def test_criterion_empty_instance_gives_no_class(rule):
+    """An instance with no points (e.g. lost when an image target is downsampled) has g = 0, i.e.
+    "claimed with probability 1" by every query; it must give nobody its class."""
+    mask = torch.full((12, 3), -5.0)  # nothing is claimed
+    targets = [{"labels": torch.tensor([0, 1]),
+                "masks": torch.stack([torch.arange(12) < 6, torch.zeros(12, dtype=torch.bool)])}]
+    outputs = _outputs([mask], num_queries=3)
+    loss = InfluencerCriterion(num_classes=3, class_target=rule)(outputs, targets)["loss_class"]
+    if rule == "best_query":  # instance 0 still gives its class to its strongest query, query 0
+        hard = torch.tensor([[0, 3, 3]])
+    elif rule == "soft":  # P = sigmoid(-5) on instance 0 for every query
+        p = torch.sigmoid(torch.tensor(-5.0)).item()
+        target = torch.tensor([[[p, 0.0, 0.0, 1 - p]] * 3])
+        expected = soft_cross_entropy(outputs["pred_logits"], target,
+                                      torch.tensor([1.0, 1.0, 1.0, 0.1]))
+        assert loss.item() == pytest.approx(2.0 * expected.item(), abs=1e-5)
+        return
+    else:
+        hard = torch.tensor([[3, 3, 3]])
+    expected = torch.nn.functional.cross_entropy(outputs["pred_logits"].transpose(1, 2), hard,
+                                                 weight=torch.tensor([1.0, 1.0, 1.0, 0.1]))
+    assert loss.item() == pytest.approx(2.0 * expected.item(), abs=1e-5)

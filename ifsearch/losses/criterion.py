@@ -219,7 +219,7 @@ class InfluencerCriterion(nn.Module):
             for key in parts:
                 parts[key].append(out[key])
             scene_targets.append(self._class_targets(
-                out["log_geomean"].detach(), target["labels"], valid=masks.any(dim=1)))
+                out["log_geomean"].detach(), target["labels"], valid=out["counts"] > 0))
 
         losses = {f"loss_{key}": weight * torch.stack(parts[key]).mean()
                   for key, weight in weights.items()}

@@ -155,9 +155,10 @@ class MaskInfluencerLoss(nn.Module):
 
         Returns:
             dict with scalar "loss", "attractive", "repulsive", "background", "spill",
-            "duplicate" (zero when their weight is 0), and the (K, M) claim strengths
-            "log_geomean" g_km (K = num_instances; the log geometric or arithmetic mean, as
-            configured) used to derive class targets.
+            "duplicate" (zero when their weight is 0), the (K, M) claim strengths "log_geomean"
+            g_km (K = num_instances; the log geometric or arithmetic mean, as configured) used to
+            derive class targets, and "counts", the (K,) points per instance (not
+            differentiable; empty instances, count 0, take no part).
         """
         if num_instances is None:
             num_instances = int(instance_labels.max()) if instance_labels.numel() else 0
@@ -243,6 +244,7 @@ class MaskInfluencerLoss(nn.Module):
             "spill": spill,
             "duplicate": duplicate,
             "log_geomean": g,
+            "counts": counts,
         }
 
 
