@@ -97,10 +97,11 @@ def _assignment_logits(assign, n_per_instance=10, num_queries=3, on=8.0):
     return x
 
 
+@pytest.mark.parametrize("mean", ["geometric", "arithmetic"])
 @pytest.mark.parametrize("mask_prob", ["sigmoid", "softmax"])
-def test_correct_assignment_beats_merged_and_mixed(mask_prob):
+def test_correct_assignment_beats_merged_and_mixed(mask_prob, mean):
     labels = torch.tensor([1] * 10 + [2] * 10)
-    loss = MaskInfluencerLoss(mask_prob=mask_prob, margin=1.0)
+    loss = MaskInfluencerLoss(mask_prob=mask_prob, margin=1.0, mean=mean)
     correct = loss(_assignment_logits([0] * 10 + [1] * 10), labels)["loss"]
     merged = loss(_assignment_logits([0] * 20), labels)["loss"]
     mixed = loss(_assignment_logits([0, 1] * 5 + [1, 0] * 5), labels)["loss"]
@@ -695,3 +696,21 @@ def test_criterion_empty_instance_gives_no_class(rule):
     expected = torch.nn.functional.cross_entropy(outputs["pred_logits"].transpose(1, 2), hard,
                                                  weight=torch.tensor([1.0, 1.0, 1.0, 0.1]))
     assert loss.item() == pytest.approx(2.0 * expected.item(), abs=1e-5)
+
+
+def test_arithmetic_attraction_at_temperature_one_ignores_the_assignment():
+    """The documented weakness of the arithmetic mean: at T = 1 the soft maximum sums the means,
+    sum_m mean_i p_im = mean_i sum_m p_im, so a mixed assignment attracts as well as the correct
+    one; the geometric mean (or T < 1) prefers the correct one."""
+    labels = torch.tensor([1] * 10 + [2] * 10)
+    correct = _assignment_logits([0] * 10 + [1] * 10)
+    mixed = _assignment_logits([0, 1] * 5 + [1, 0] * 5)
+
+    def attraction(x, **kw):
+        return MaskInfluencerLoss(mask_prob="softmax", **kw)(x, labels)["attractive"].item()
+
+    assert attraction(mixed, mean="arithmetic") == pytest.approx(
+        attraction(correct, mean="arithmetic"), abs=1e-9)
+    assert attraction(mixed, mean="arithmetic", temperature=0.3) > attraction(
+        correct, mean="arithmetic", temperature=0.3) + 0.1
+    assert attraction(mixed) > attraction(correct) + 1.0

@@ -32,6 +32,10 @@ most 1 over the queries, and a geometric or arithmetic mean over points keeps th
 - Arithmetic mean: the log is clamped at the dtype's smallest normal number ``tiny``, so an
   instance whose points all give query m p = 0 has a finite g_km (and, below the clamp, no
   gradient). "log_geomean" in the output is this g whichever the mean (the key keeps its name).
+  Known weakness, measured not assumed: at T = 1, sum_m exp(g_km) = mean_{i in S_k} sum_m p_im,
+  so A_k no longer cares which query claims which point, only how much probability the instance
+  gets in all (in softmax mode 1 - p(background slot)); a mixed assignment then scores as well
+  as the correct one and only R (or T < 1) tells them apart.
 - Spill: attraction and background push a claiming query up on its instance and down on the
   background, but nothing pushes it down on *other instances* (in sigmoid mode a mask can cover
   several instances unpunished). c_km are the weights the attraction's gradient gives query m on
