@@ -84,10 +84,11 @@ class Case:
         return self.mean == "geometric" and not self.spill
 
 
-def _ms(value: float) -> str:
-    """Milliseconds for the table: one decimal, or three below 1 ms (tiny smoke rows on a quiet
-    machine would otherwise print 0.0)."""
-    return f"{value:.1f}" if value >= 1.0 else f"{value:.3f}"
+def _cell(value: float, decimals: int = 1) -> str:
+    """A time or ratio for the table: ``decimals`` decimals, or three significant digits below 1,
+    so that no positive value reads 0.0 (a sub-ms smoke row on a quiet machine, or a ratio under
+    a load spike)."""
+    return f"{value:.{decimals}f}" if value >= 1.0 else f"{value:.3g}"
 
 
 @dataclass
@@ -112,8 +113,8 @@ class Result:
         c = self.case
         return [
             c.n, c.m, c.k, c.batch, self.device, c.mask_prob, c.variant, c.aux,
-            _ms(self.influencer_ms), _ms(self.hungarian_ms), _ms(self.floor_ms),
-            f"{self.speedup:.1f}", f"{self.over_floor:.2f}",
+            _cell(self.influencer_ms), _cell(self.hungarian_ms), _cell(self.floor_ms),
+            _cell(self.speedup), _cell(self.over_floor, 2),
         ]
 
 
