@@ -491,10 +491,11 @@ def test_agnostic_class_subset_counts_only_trained_categories(coco_root: Path) -
     assert subset["AP"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("shift", [0, 1])
-def test_evaluator_perfect_masks(coco_root: Path, shift: int) -> None:
+@pytest.mark.parametrize("shift", [0, 1, None])
+def test_evaluator_perfect_masks(coco_root: Path, shift: int | None) -> None:
     """predict_instances + CocoEvaluator: class-aware AP 1 with the right classes and 0 with the
-    wrong ones, class-agnostic AP 1 and no unclaimed instance either way."""
+    wrong ones; class-agnostic AP 1 and no unclaimed instance whatever the class head says, even
+    "no object" everywhere (shift None)."""
     ds = CocoInstances(coco_root, "val2017", image_size=30)
     batch = collate_images([ds[i] for i in range(len(ds))])
     num_queries = 5
@@ -503,13 +504,15 @@ def test_evaluator_perfect_masks(coco_root: Path, shift: int) -> None:
     for i, target in enumerate(batch["targets"]):
         for k, (mask, label) in enumerate(zip(target["masks"], target["labels"], strict=True)):
             pred_masks[i, k][mask] = 10.0
-            class_logits[i, k, (label + shift) % 3] = 10.0 + k  # shift 1: the wrong class
+            slot = 3 if shift is None else (label + shift) % 3  # shift 1: the wrong class
+            class_logits[i, k, slot] = 10.0 + k
     outputs = {"pred_logits": class_logits, "pred_masks": pred_masks}
     evaluator = CocoEvaluator(ds, mask_threshold=0.5)
     evaluator.process(batch, outputs, predict_instances(outputs, return_probs=True))
     got = evaluator.evaluate()
-    expected = 1.0 if shift == 0 else 0.0
-    assert (got["AP"], got["AP50"], got["AP75"]) == pytest.approx((expected,) * 3)
+    if shift is not None:
+        expected = 1.0 if shift == 0 else 0.0
+        assert (got["AP"], got["AP50"], got["AP75"]) == pytest.approx((expected,) * 3)
     for key in ("AP_agnostic", "AP50_agnostic", "AP75_agnostic", "AP25_agnostic"):
         assert got[key] == pytest.approx(1.0), key
     assert (got["unclaimed_rate"], got["duplicate_rate"], got["active_queries"]) == (0, 0, 5 / 3)
