@@ -23,7 +23,7 @@ Masks (``assign``):
   of the query over the points assigned to it.
 
 Pairs whose query's mask is empty are dropped after the top-k selection (in Mask2Former they stay
-with a score near 0 and can match nothing), so a scene may have fewer than k pairs.
+with score 0 and match nothing), so a scene may have fewer than k pairs.
 """
 
 from __future__ import annotations
@@ -85,8 +85,6 @@ def predict_instances(
         sizes = masks.sum(dim=1)  # (M,)
         mask_scores = (mask_probs * masks).sum(dim=1) / sizes.clamp(min=1)  # (M,)
         claimed = torch.nonzero(sizes > 0).flatten()  # (Q,) host sync: fine outside training
-        row_of = torch.full((num_queries,), -1, dtype=torch.long, device=probs.device)
-        row_of[claimed] = torch.arange(len(claimed), device=probs.device)
 
         k = min(topk or num_queries, num_queries * num_classes)
         class_scores, flat = probs.flatten().topk(k)  # (k,) over all (query, class) pairs
@@ -100,10 +98,11 @@ def predict_instances(
         kept = torch.ones(len(claimed), dtype=torch.bool, device=probs.device)
         if dedup_iou > 0 and len(claimed) > 1:
             iou = _mask_iou(masks[claimed])  # (Q, Q)
-            rows = row_of[queries]  # (P,) each pair's claim
+            rows = torch.searchsorted(claimed, queries)  # (P,) each pair's claim
             keep = _mask_nms(iou[rows][:, rows], scores, rows, dedup_iou)
             queries, labels, scores = queries[keep], labels[keep], scores[keep]
-            kept = _mask_nms(iou, claim_scores, row_of[claimed], dedup_iou)
+            kept = _mask_nms(iou, claim_scores, torch.arange(len(claimed), device=iou.device),
+                             dedup_iou)
         result = {"masks": masks[queries], "scores": scores, "labels": labels, "queries": queries,
                   "claims": {"masks": masks[claimed], "scores": claim_scores,
                              "queries": claimed, "kept": kept}}
