@@ -86,3 +86,38 @@ def test_no_object_head_with_perfect_masks_claims_every_instance():
     got = evaluator.evaluate()
     assert (got["unclaimed_rate"], got["duplicate_rate"], got["active_queries"]) == (0.0, 0.0, 3)
     assert got["AP_agnostic"] == got["AP50_agnostic"] == got["AP25_agnostic"] == 1.0
+
+
+def test_train_evaluate_passes_the_eval_config_to_inference(monkeypatch):
+    """eval.topk / eval.assign / eval.dedup_iou reach predict_instances; the metrics come back."""
+    from torch.utils.data import DataLoader
+
+    import ifsearch.train as train
+    from ifsearch.config import config_from_dict
+    from ifsearch.data import collate_scenes
+    from ifsearch.losses import build_criterion
+
+    config = config_from_dict({
+        "data": {"num_points": 128, "train_scenes": 2, "val_scenes": 2, "max_instances": 3,
+                 "batch_size": 2},
+        "model": {"embed_dim": 16, "num_queries": 4, "decoder_layers": 1, "ffn_dim": 32},
+        "eval": {"topk": 3, "assign": "argmax", "dedup_iou": 0.7},
+    }, source="test")
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return predict_instances(*args, **kwargs)
+
+    monkeypatch.setattr(train, "predict_instances", recording)
+    _, val_set = train.build_datasets(config)
+    num_classes = len(val_set.class_names)
+    metrics = train.evaluate(train.build_model(config, num_classes),
+                             build_criterion(config.loss, num_classes=num_classes),
+                             DataLoader(val_set, batch_size=2, collate_fn=collate_scenes), config,
+                             torch.device("cpu"))
+    assert calls and all(
+        (c["topk"], c["assign"], c["dedup_iou"]) == (3, "argmax", 0.7) for c in calls)
+    for key in ("AP50", "AP50_agnostic", "AP_agnostic", "AP25_agnostic", "duplicate_rate",
+                "unclaimed_rate", "active_queries"):
+        assert key in metrics
