@@ -139,14 +139,26 @@ class TrainConfig:
     log_every: int = 0  # print the loss every this many steps; 0 = once per epoch
 
 
+ASSIGN_MODES = ("threshold", "argmax")  # eval.assign (ifsearch.inference)
+
+
 @dataclass
 class EvalConfig:
-    """Turning the mask matrix into instances, and scoring them."""
+    """Turning the mask matrix into instances, and scoring them (ifsearch/inference.py)."""
 
     min_region_size: int = 10  # ScanNet ignores smaller GT instances (100 on real data)
     mask_threshold: float = 0.5  # a point belongs to a query's mask when p > this
-    dedup_iou: float = 0.0  # 0 = keep duplicates; else mask-IoU NMS above this IoU
-    diagnostic_score_threshold: float = 0.5  # predictions counted by the diagnostics
+    # threshold: p > mask_threshold, masks may overlap (Mask2Former). argmax: each point to its
+    # most probable query (softmax: or the background slot; sigmoid: if p > mask_threshold)
+    assign: str = "threshold"
+    # (query, class) pairs kept per scene, a query may appear with several classes; 0 = as many
+    # as queries, Mask2Former's default (test_topk_per_image = num_queries)
+    topk: int = 0
+    # 0 = keep duplicates; else mask-IoU NMS above this IoU between pairs of different queries
+    dedup_iou: float = 0.0
+    # S3DIS coverage metrics (mCov...) count pairs with score >= this; the diagnostics count
+    # every non-empty query mask, whatever its score
+    diagnostic_score_threshold: float = 0.5
 
 
 @dataclass
@@ -418,6 +430,8 @@ def _check(config: Config, source: str) -> list[str]:
     rule(e.min_region_size >= 0, "eval.min_region_size", e.min_region_size, "must be >= 0")
     rule(0 < e.mask_threshold < 1, "eval.mask_threshold", e.mask_threshold, "must be in (0, 1)")
     rule(0 <= e.dedup_iou <= 1, "eval.dedup_iou", e.dedup_iou, "must be in [0, 1] (0 = off)")
+    rule(e.assign in ASSIGN_MODES, "eval.assign", e.assign, f"must be one of {list(ASSIGN_MODES)}")
+    rule(e.topk >= 0, "eval.topk", e.topk, "must be >= 0 (0 = as many as model.num_queries)")
     rule(0 <= e.diagnostic_score_threshold <= 1, "eval.diagnostic_score_threshold",
          e.diagnostic_score_threshold, "must be in [0, 1]")
     return errors

@@ -1,9 +1,16 @@
 """Validation metrics per dataset, as streaming evaluators (detectron2's process/evaluate split).
 
-* Point clouds (synthetic, S3DIS): ScanNet-protocol AP / AP50 / AP25 and the query diagnostics;
-  S3DIS adds the coverage metrics mCov, mWCov, mPrec, mRec, all on every original room point.
-* Images (COCO): pycocotools mask AP (AP, AP50, AP75, APs, APm, APl) on masks resampled to each
-  image's original size, plus the same query diagnostics at the model's mask resolution.
+Every dataset reports its class-aware AP on the (query, class) pairs of ``predict_instances``,
+the class-agnostic ``AP_agnostic``/``AP50_agnostic``/``AP25_agnostic`` on the claims (one
+prediction per query with a non-empty mask, NMS-kept when ``eval.dedup_iou`` > 0), and the query
+diagnostics ``duplicate_rate``/``unclaimed_rate``/``active_queries`` on every claim.
+
+* Point clouds (synthetic, S3DIS): ScanNet-protocol AP / AP50 / AP25; S3DIS adds the coverage
+  metrics mCov, mWCov, mPrec, mRec (pairs with score >= a threshold), all on every original room
+  point.
+* Images (COCO): pycocotools mask AP (AP, AP50, AP75, APs, APm, APl; agnostic: AP, AP50, AP75,
+  AP25) on masks resampled to each image's original size; the diagnostics at the model's mask
+  resolution.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ import torch
 from ifsearch.data.coco import masks_to_original
 from ifsearch.losses.common import per_scene_target_masks
 from ifsearch.metrics import instance_ap, instance_diagnostics
-from ifsearch.metrics.coco_eval import coco_mask_ap, encode_results
+from ifsearch.metrics.coco_eval import coco_mask_ap, coco_mask_ap_agnostic, encode_results
 from ifsearch.metrics.coverage import s3dis_coverage
+
+DIAGNOSTIC_KEYS = ("duplicate_rate", "unclaimed_rate", "active_queries")
 
 
 def finite(value: float | None) -> float:
@@ -26,9 +35,14 @@ def finite(value: float | None) -> float:
     return 0.0 if value is None or math.isnan(value) else float(value)
 
 
-def _diagnostics(predictions: list[dict], ground_truth: list[dict], threshold: float) -> dict:
-    diag = instance_diagnostics(predictions, ground_truth, score_threshold=threshold)
-    return {k: diag[k] for k in ("duplicate_rate", "unclaimed_rate", "active_queries")}
+def _diagnostics(claims: Sequence[dict], ground_truth: Sequence[dict]) -> dict:
+    diag = instance_diagnostics(claims, ground_truth)
+    return {k: diag[k] for k in DIAGNOSTIC_KEYS}
+
+
+def _claim_rows(pred: dict) -> torch.Tensor:
+    """(P,) row of each pair's query among the claims (their queries ascend)."""
+    return torch.searchsorted(pred["claims"]["queries"].cpu(), pred["queries"].cpu())
 
 
 class _Lazy(Sequence):
@@ -49,16 +63,17 @@ class _Lazy(Sequence):
 
 
 class PointCloudEvaluator:
-    """ScanNet AP + diagnostics (+ S3DIS coverage) over point-cloud scenes.
+    """ScanNet AP (class-aware and agnostic) + diagnostics (+ S3DIS coverage) over point clouds.
 
-    Scenes evaluated at full resolution (``batch["eval_targets"]``: the model saw voxels) keep
-    their predictions per voxel, the voxel of every original point and the ground truth as one
-    instance id per point; full masks are rebuilt one room at a time while the metrics run.
+    Each scene keeps its claims' masks once; pairs refer to them by row (a pair's mask is its
+    query's). Scenes evaluated at full resolution (``batch["eval_targets"]``: the model saw
+    voxels) keep their masks per voxel, the voxel of every original point and the ground truth as
+    one instance id per point; full masks are rebuilt one room at a time while the metrics run.
 
     Args:
         class_names: the dataset's classes, in class-index order.
         min_region_size: ScanNet's minimum instance size for AP.
-        score_threshold: predictions counted by the diagnostics and the coverage metrics.
+        score_threshold: pairs counted by the coverage metrics (unused without ``coverage``).
         coverage: also compute the S3DIS coverage metrics.
     """
 
@@ -71,10 +86,13 @@ class PointCloudEvaluator:
         self.scenes: list[tuple[dict, dict]] = []  # (prediction, ground truth), compact
 
     def process(self, batch: dict, outputs: dict, predictions: list[dict]) -> None:
-        """Keep one batch's predictions and ground truth (on CPU)."""
+        """Keep one batch's predictions (``predict_instances``) and ground truth, on CPU."""
         full = batch.get("eval_targets")
         for i, pred in enumerate(predictions):
-            pred = {k: pred[k].cpu() for k in ("masks", "scores", "labels")}
+            claims = pred["claims"]
+            kept = {"masks": claims["masks"].cpu(), "claim_scores": claims["scores"].cpu(),
+                    "kept": claims["kept"].cpu(), "rows": _claim_rows(pred),
+                    "scores": pred["scores"].cpu(), "labels": pred["labels"].cpu()}
             if full is None:
                 gt = {k: batch["targets"][i][k].cpu() for k in ("masks", "labels")}
             else:  # instances of a room partition its points: one id per point is exact
@@ -83,16 +101,22 @@ class PointCloudEvaluator:
                 rows, cols = masks.nonzero(as_tuple=True)
                 ids[cols] = rows.int()
                 gt = {"ids": ids, "labels": full[i]["labels"].cpu(), "num": len(masks)}
-                pred["index"] = full[i]["index"].cpu()
-            self.scenes.append((pred, gt))
+                kept["index"] = full[i]["index"].cpu()
+            self.scenes.append((kept, gt))
 
-    def _sequences(self, min_score: float | None = None) -> tuple[_Lazy, _Lazy]:
-        def prediction(pred: dict) -> dict:
-            keep = slice(None) if min_score is None else pred["scores"] >= min_score
-            masks = pred["masks"][keep]
-            if "index" in pred:  # each original point takes its voxel's prediction
-                masks = masks[:, pred["index"]]
-            return {"masks": masks, "scores": pred["scores"][keep], "labels": pred["labels"][keep]}
+    def _sequences(self, kind: str, min_score: float | None = None) -> tuple[_Lazy, _Lazy]:
+        """Lazy (predictions, ground truth); kind: "pairs", "claims" or "kept claims"."""
+        def prediction(p: dict) -> dict:
+            if kind == "pairs":
+                keep = slice(None) if min_score is None else p["scores"] >= min_score
+                out = {"masks": p["masks"][p["rows"][keep]], "scores": p["scores"][keep],
+                       "labels": p["labels"][keep]}
+            else:
+                keep = p["kept"] if kind == "kept claims" else slice(None)
+                out = {"masks": p["masks"][keep], "scores": p["claim_scores"][keep]}
+            if "index" in p:  # each original point takes its voxel's prediction
+                out["masks"] = out["masks"][:, p["index"]]
+            return out
 
         def ground_truth(gt: dict) -> dict:
             if "ids" not in gt:
@@ -104,35 +128,42 @@ class PointCloudEvaluator:
                 _Lazy([g for _, g in self.scenes], ground_truth))
 
     def evaluate(self) -> dict[str, float]:
-        predictions, ground_truth = self._sequences()
-        ap = instance_ap(predictions, ground_truth, min_region_size=self.min_region_size,
+        pairs, ground_truth = self._sequences("pairs")
+        ap = instance_ap(pairs, ground_truth, min_region_size=self.min_region_size,
                          class_names=self.class_names)
-        metrics = {"AP": finite(ap["AP"]), "AP50": finite(ap["AP50"]), "AP25": finite(ap["AP25"])}
-        metrics.update(_diagnostics(predictions, ground_truth, self.score_threshold))
+        kept, _ = self._sequences("kept claims")
+        agnostic = instance_ap(kept, ground_truth, min_region_size=self.min_region_size,
+                               class_names=self.class_names, class_agnostic=True)
+        metrics = {k: finite(ap[k]) for k in ("AP", "AP50", "AP25")}
+        metrics.update({f"{k}_agnostic": finite(agnostic[k]) for k in ("AP", "AP50", "AP25")})
+        metrics.update(_diagnostics(self._sequences("claims")[0], ground_truth))
         if self.coverage:
             # No size filter: the published coverage metrics (SGPN/ASIS) count every instance.
-            confident, ground_truth = self._sequences(min_score=self.score_threshold)
+            confident, _ = self._sequences("pairs", min_score=self.score_threshold)
             cov = s3dis_coverage(confident, ground_truth, num_classes=len(self.class_names))
             metrics.update({k: finite(cov[k]) for k in ("mCov", "mWCov", "mPrec", "mRec")})
         return metrics
 
 
 class CocoEvaluator:
-    """COCO mask AP via pycocotools on the original image resolution, plus diagnostics.
+    """COCO mask AP (class-aware and agnostic) via pycocotools at the original image size.
+
+    Each image's claims are resampled and RLE-encoded once; pairs reuse their query's encoding.
+    Class-agnostic results carry the first evaluated category id (``coco_mask_ap_agnostic``).
 
     Args:
         dataset: the ``CocoInstances`` evaluated (its ``coco`` ground truth and category ids).
-        mask_threshold: probability above which a resampled pixel is in the mask.
-        score_threshold: predictions counted by the diagnostics.
+        mask_threshold: probability above which a resampled pixel is in the mask (0.5 for the 0/1
+            masks of ``assign="argmax"``).
     """
 
-    def __init__(self, dataset, mask_threshold: float, score_threshold: float) -> None:
+    def __init__(self, dataset, mask_threshold: float) -> None:
         self.dataset = dataset
         self.mask_threshold = mask_threshold
-        self.score_threshold = score_threshold
         self.results: list[dict] = []
+        self.agnostic_results: list[dict] = []
         self.image_ids: list[int] = []
-        self.low_res_predictions: list[dict] = []
+        self.low_res_claims: list[dict] = []
         self.low_res_ground_truth: list[dict] = []
 
     def process(self, batch: dict, outputs: dict, predictions: list[dict]) -> None:
@@ -140,22 +171,29 @@ class CocoEvaluator:
         targets = per_scene_target_masks(batch["targets"], outputs["pred_masks"])
         category_ids = torch.tensor(self.dataset.category_ids)
         for i, pred in enumerate(predictions):
-            pred = {k: v.cpu() for k, v in pred.items()}
-            masks = masks_to_original(pred["probs"].float().view(-1, *size),
+            image_id = batch["image_ids"][i]
+            claims = {k: v.cpu() for k, v in pred["claims"].items()}
+            masks = masks_to_original(claims["probs"].float().view(-1, *size),
                                       batch["resized_sizes"][i], batch["orig_sizes"][i],
-                                      threshold=self.mask_threshold)
-            self.results += encode_results(batch["image_ids"][i], masks, pred["scores"],
-                                           category_ids[pred["labels"]])
-            self.image_ids.append(batch["image_ids"][i])
-            self.low_res_predictions.append({"masks": pred["masks"], "scores": pred["scores"]})
+                                      threshold=self.mask_threshold)  # (Q, H, W)
+            encoded = encode_results(image_id, masks, claims["scores"],
+                                     [self.dataset.category_ids[0]] * len(masks))
+            cats = category_ids[pred["labels"].cpu()].tolist()
+            self.results += [{**encoded[r], "category_id": c, "score": s} for r, c, s in
+                             zip(_claim_rows(pred).tolist(), cats, pred["scores"].tolist(),
+                                 strict=True)]
+            self.agnostic_results += [encoded[r] for r in claims["kept"].nonzero()[:, 0].tolist()]
+            self.image_ids.append(image_id)
+            self.low_res_claims.append({"masks": claims["masks"]})
             self.low_res_ground_truth.append({"masks": targets[i].cpu()})
 
     def evaluate(self) -> dict[str, float]:
         # Only the categories trained on (data.classes may pick a subset of the json's).
-        ap = coco_mask_ap(self.dataset.coco, self.results, image_ids=self.image_ids,
-                          category_ids=list(self.dataset.category_ids))
+        subset = {"image_ids": self.image_ids, "category_ids": list(self.dataset.category_ids)}
+        ap = coco_mask_ap(self.dataset.coco, self.results, **subset)
+        agnostic = coco_mask_ap_agnostic(self.dataset.coco, self.agnostic_results, **subset)
         # AP/AP50/AP75 drive the search: 0 when undefined. Size buckets without GT stay NaN.
         metrics = {k: finite(v) if k in ("AP", "AP50", "AP75") else v for k, v in ap.items()}
-        metrics.update(_diagnostics(self.low_res_predictions, self.low_res_ground_truth,
-                                    self.score_threshold))
+        metrics.update({f"{k}_agnostic": finite(v) for k, v in agnostic.items()})
+        metrics.update(_diagnostics(self.low_res_claims, self.low_res_ground_truth))
         return metrics

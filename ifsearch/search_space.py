@@ -46,6 +46,10 @@ KNOWN_METRICS = (
     "APs",
     "APm",
     "APl",
+    "AP_agnostic",
+    "AP50_agnostic",
+    "AP25_agnostic",
+    "AP75_agnostic",
     "mCov",
     "mWCov",
     "mPrec",
@@ -54,6 +58,7 @@ KNOWN_METRICS = (
     "train_loss",
     "duplicate_rate",
     "unclaimed_rate",
+    "active_queries",
     "epoch_seconds",
     "points_per_second",
 )
@@ -64,11 +69,11 @@ MODES = ("min", "max")
 SCHEDULERS = ("asha", "hyperband", "median", "fifo")
 SEARCHERS = ("tpe", "random", "cmaes", "nsga2")
 OBJECTIVE_KEYS = ("metric", "mode")
-# Metrics only some datasets report (ifsearch.evaluation): COCO has no AP25, only COCO has
-# AP75/APs/APm/APl, only S3DIS has the coverage metrics.
+# Metrics only some datasets report (ifsearch.evaluation): COCO has no class-aware AP25, only
+# COCO has AP75/APs/APm/APl/AP75_agnostic, only S3DIS has the coverage metrics.
 DATASET_METRICS = {
     "AP25": ("synthetic", "s3dis"),
-    **{k: ("coco",) for k in ("AP75", "APs", "APm", "APl")},
+    **{k: ("coco",) for k in ("AP75", "APs", "APm", "APl", "AP75_agnostic")},
     **{k: ("s3dis",) for k in ("mCov", "mWCov", "mPrec", "mRec")},
 }
 BUDGET_KEYS = ("num_samples", "max_epochs", "grace_period")

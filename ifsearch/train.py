@@ -121,8 +121,9 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoa
     model.eval()
     dataset = loader.dataset
     if is_image_dataset(config):
-        evaluator = CocoEvaluator(dataset, config.eval.mask_threshold,
-                                  config.eval.diagnostic_score_threshold)
+        # argmax masks come back as 0/1 "probs": cut them halfway after resampling
+        cut = config.eval.mask_threshold if config.eval.assign == "threshold" else 0.5
+        evaluator = CocoEvaluator(dataset, cut)
     else:
         evaluator = PointCloudEvaluator(list(dataset.class_names), config.eval.min_region_size,
                                         config.eval.diagnostic_score_threshold,
@@ -139,6 +140,8 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoa
             mask_threshold=config.eval.mask_threshold,
             dedup_iou=config.eval.dedup_iou,
             return_probs=is_image_dataset(config),
+            topk=config.eval.topk,
+            assign=config.eval.assign,
         )
         evaluator.process(batch, outputs, predictions)
     model.train()
@@ -312,8 +315,8 @@ def _divergence(parts: dict, epoch: int, step: int, lr: float) -> DivergenceErro
 
 
 def _epoch_line(m: dict, epochs: int) -> str:
-    scores = "  ".join(f"{k} {m[k]:.3f}" for k in ("AP", "AP50", "AP75", "AP25", "mCov", "mPrec",
-                                                   "mRec") if k in m)
+    scores = "  ".join(f"{k} {m[k]:.3f}" for k in ("AP", "AP50", "AP50_agnostic", "AP75", "AP25",
+                                                   "mCov", "mPrec", "mRec") if k in m)
     return (
         f"epoch {m['epoch']:>3}/{epochs}  loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}"
         f"  {scores}"

@@ -34,7 +34,9 @@ from ifsearch.data.coco import (
 from ifsearch.data.make_synthetic_coco import main as synthetic_main
 from ifsearch.data.make_synthetic_coco import make_synthetic_coco
 from ifsearch.errors import DataError
-from ifsearch.metrics.coco_eval import coco_mask_ap, encode_results
+from ifsearch.evaluation import CocoEvaluator
+from ifsearch.inference import predict_instances
+from ifsearch.metrics.coco_eval import coco_mask_ap, coco_mask_ap_agnostic, encode_results
 
 CATEGORIES = [
     {"id": 2, "name": "cat", "supercategory": "animal"},
@@ -389,8 +391,8 @@ def test_perfect_predictions_give_ap_one(coco_root: Path, synthetic_root: Path) 
             assert math.isnan(metrics[key]) or metrics[key] == pytest.approx(1.0)
 
 
-def test_imperfect_predictions_match_direct_cocoeval(synthetic_root: Path, capsys) -> None:
-    ds = CocoInstances(synthetic_root, "val2017", image_size=64)
+def _imperfect_results(ds: CocoInstances) -> list[dict]:
+    """Shifted, eroded and exact masks, 20% wrong categories, one false positive per image."""
     rng = np.random.default_rng(0)
     results = []
     for image_id in ds.image_ids:
@@ -412,7 +414,12 @@ def test_imperfect_predictions_match_direct_cocoeval(synthetic_root: Path, capsy
         scores.append(float(rng.uniform(0.0, 1.0)))
         cats.append(7)
         results += encode_results(image_id, np.stack(masks), scores, cats)
+    return results
 
+
+def test_imperfect_predictions_match_direct_cocoeval(synthetic_root: Path, capsys) -> None:
+    ds = CocoInstances(synthetic_root, "val2017", image_size=64)
+    results = _imperfect_results(ds)
     metrics = coco_mask_ap(ds.coco, results)
     assert capsys.readouterr().out == ""  # pycocotools' prints are captured
     expected = _direct_cocoeval(ds.coco, results)
@@ -430,6 +437,85 @@ def test_imperfect_predictions_match_direct_cocoeval(synthetic_root: Path, capsy
         _direct_cocoeval(ds.coco, sub_results, image_ids=subset),
         equal_nan=True,
     )
+
+
+def _direct_agnostic(coco, results, iou_thresholds=None) -> list[float]:
+    """The reference: COCOeval with useCats = 0, called the textbook way."""
+    ev = COCOeval(coco, coco.loadRes([dict(r) for r in results]), iouType="segm")
+    ev.params.useCats = 0
+    if iou_thresholds is not None:
+        ev.params.iouThrs = np.array(iou_thresholds)
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return [float(v) for v in ev.stats[:3]]
+
+
+def _check_agnostic_against_direct(coco, results) -> dict:
+    got = coco_mask_ap_agnostic(coco, results)
+    ap, ap50, ap75 = _direct_agnostic(coco, results)
+    (ap25, *_) = _direct_agnostic(coco, results, iou_thresholds=[0.25])
+    assert list(got) == ["AP", "AP50", "AP75", "AP25"]
+    assert list(got.values()) == pytest.approx([ap, ap50, ap75, ap25])
+    return got
+
+
+def test_agnostic_ap_right_masks_wrong_classes_on_the_tiny_fixture(coco_root: Path) -> None:
+    ds = CocoInstances(coco_root, "val2017", image_size=30)
+    wrong = {2: 5, 5: 9, 9: 2}
+    results = [{**r, "category_id": wrong[r["category_id"]], "score": 0.9 - 0.1 * i}
+               for i, r in enumerate(_gt_predictions(ds.coco, ds.image_ids))]
+    aware = coco_mask_ap(ds.coco, results)
+    assert (aware["AP"], aware["AP50"], aware["AP75"]) == (0.0, 0.0, 0.0)
+    got = _check_agnostic_against_direct(ds.coco, results)
+    assert got == pytest.approx({"AP": 1.0, "AP50": 1.0, "AP75": 1.0, "AP25": 1.0})
+
+
+def test_agnostic_ap_imperfect_matches_direct_cocoeval(synthetic_root: Path) -> None:
+    ds = CocoInstances(synthetic_root, "val2017", image_size=64)
+    results = _imperfect_results(ds)
+    got = _check_agnostic_against_direct(ds.coco, results)
+    assert 0.0 < got["AP"] < got["AP50"] <= got["AP25"] <= 1.0
+    # ignoring classes can only help: the wrong-category masks count now
+    assert got["AP50"] > coco_mask_ap(ds.coco, results)["AP50"]
+    assert coco_mask_ap_agnostic(ds.coco, []) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0,
+                                                  "AP25": 0.0}
+
+
+def test_agnostic_class_subset_counts_only_trained_categories(coco_root: Path) -> None:
+    """useCats = 0 still keeps only GT (and results) of params.catIds."""
+    ds = CocoInstances(coco_root, "val2017", image_size=30, classes=["cat"])
+    results = [r for r in _gt_predictions(ds.coco, ds.image_ids) if r["category_id"] == 2]
+    assert coco_mask_ap_agnostic(ds.coco, results)["AP"] < 1.0  # dogs and birds missed
+    subset = coco_mask_ap_agnostic(ds.coco, results, category_ids=ds.category_ids)
+    assert subset["AP"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("shift", [0, 1, None])
+def test_evaluator_perfect_masks(coco_root: Path, shift: int | None) -> None:
+    """predict_instances + CocoEvaluator: class-aware AP 1 with the right classes and 0 with the
+    wrong ones; class-agnostic AP 1 and no unclaimed instance whatever the class head says, even
+    "no object" everywhere (shift None)."""
+    ds = CocoInstances(coco_root, "val2017", image_size=30)
+    batch = collate_images([ds[i] for i in range(len(ds))])
+    num_queries = 5
+    pred_masks = torch.full((len(ds), num_queries, 30, 30), -10.0)
+    class_logits = torch.zeros(len(ds), num_queries, 4)
+    for i, target in enumerate(batch["targets"]):
+        for k, (mask, label) in enumerate(zip(target["masks"], target["labels"], strict=True)):
+            pred_masks[i, k][mask] = 10.0
+            slot = 3 if shift is None else (label + shift) % 3  # shift 1: the wrong class
+            class_logits[i, k, slot] = 10.0 + k
+    outputs = {"pred_logits": class_logits, "pred_masks": pred_masks}
+    evaluator = CocoEvaluator(ds, mask_threshold=0.5)
+    evaluator.process(batch, outputs, predict_instances(outputs, return_probs=True))
+    got = evaluator.evaluate()
+    if shift is not None:
+        expected = 1.0 if shift == 0 else 0.0
+        assert (got["AP"], got["AP50"], got["AP75"]) == pytest.approx((expected,) * 3)
+    for key in ("AP_agnostic", "AP50_agnostic", "AP75_agnostic", "AP25_agnostic"):
+        assert got[key] == pytest.approx(1.0), key
+    assert (got["unclaimed_rate"], got["duplicate_rate"], got["active_queries"]) == (0, 0, 5 / 3)
 
 
 def test_no_predictions_do_not_crash(coco_root: Path) -> None:

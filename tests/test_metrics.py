@@ -258,44 +258,70 @@ def test_torch_and_numpy_inputs_agree() -> None:
     assert got["AP"] == pytest.approx((19 / 24 + 1) / 2)
 
 
+# ---------------------------------------------------------------- class-agnostic AP
+
+
+def test_agnostic_ap_is_one_when_every_mask_is_right_and_every_class_wrong() -> None:
+    # Three classes; each prediction's mask is a GT mask exactly, its class the next one.
+    gts = [gt((A, 0), (B, 1), (C, 2)), gt((span((300, 450)), 1))]
+    preds = [pred((A, 1, 0.9), (B, 2, 0.8), (C, 0, 0.7)), pred((span((300, 450)), 2, 0.6))]
+    assert aps(instance_ap(preds, gts, num_classes=3)) == (0.0, 0.0, 0.0)
+    agnostic = instance_ap(preds, gts, num_classes=3, class_agnostic=True)
+    assert aps(agnostic) == (1.0, 1.0, 1.0)
+    assert list(agnostic["per_class"]) == ["agnostic"]
+    # labels are not needed at all
+    unlabelled = [{"masks": p["masks"], "scores": p["scores"]} for p in preds]
+    assert aps(instance_ap(unlabelled, gts, num_classes=3, class_agnostic=True)) == (1.0, 1.0, 1.0)
+
+
+def test_agnostic_ap_keeps_void_labels_void() -> None:
+    # GT labelled 7 (outside 3 classes) is void: not a missed instance, and a prediction on it
+    # is ignored rather than a false positive. Made one class, it would cost recall: AP 1/2.
+    gts = [gt((A, 0), (B, 7))]
+    assert aps(instance_ap([pred((A, 2, 0.9))], gts, num_classes=3, class_agnostic=True)) == (
+        1.0, 1.0, 1.0)
+    on_void = [pred((A, 2, 0.9), (B, 1, 0.95))]
+    assert aps(instance_ap(on_void, gts, num_classes=3, class_agnostic=True)) == (1.0, 1.0, 1.0)
+
+
 # ---------------------------------------------------------------- diagnostics
 
 
 def _diag_scenes() -> tuple[list[dict], list[dict]]:
-    # Scene 0: A claimed twice (exact .9 and [0, 90) at IoU .9, .8) -> duplicate; B only by a .4
-    # prediction; C by [200, 260) at IoU 60/100 = 0.6 (.7); a .95 prediction on void points.
-    # Scene 1: D = A only by a .1 prediction. Labels are ignored (class-agnostic).
+    # Scene 0: A claimed twice (exact and [0, 90) at IoU .9) -> duplicate; B only overlapped by
+    # [150, 200) at IoU 50/100 = .5, not > .5 -> unclaimed; C by [200, 260) at IoU .6; one
+    # prediction on void points. Scene 1: D = A, no prediction -> unclaimed.
+    # Scores and labels are ignored: every given mask counts.
     preds = [
         pred(
             (A, 0, 0.9),
-            (span((0, 90)), 1, 0.8),
-            (B, 0, 0.4),
-            (span((200, 260)), 2, 0.7),
+            (span((0, 90)), 1, 0.01),
+            (span((150, 200)), 0, 0.4),
+            (span((200, 260)), 2, 0.0),
             (span((500, 600)), 0, 0.95),
         ),
-        pred((A, 0, 0.1)),
+        pred(),
     ]
     return preds, [gt((A, 0), (B, 0), (C, 0)), gt((A, 3))]
 
 
 def test_diagnostics_hand_computed() -> None:
-    # score >= .5 keeps 4 predictions in scene 0 and 0 in scene 1: active = (4 + 0) / 2 = 2.
-    # 4 GT: A duplicated -> 1/4; B and D unclaimed -> 2/4.
+    # 5 + 0 predictions over 2 scenes: active 2.5. 4 GT: A duplicated -> 1/4; B, D unclaimed -> 2/4.
     d = instance_diagnostics(*_diag_scenes())
-    expected = {"duplicate_rate": 0.25, "unclaimed_rate": 0.5, "active_queries": 2.0}
-    assert d == pytest.approx({**expected, "num_gt": 4, "num_pred": 4})
+    expected = {"duplicate_rate": 0.25, "unclaimed_rate": 0.5, "active_queries": 2.5}
+    assert d == pytest.approx({**expected, "num_gt": 4, "num_pred": 5})
 
 
-def test_diagnostics_score_and_iou_thresholds() -> None:
+def test_diagnostics_ignore_scores_and_use_the_iou_threshold() -> None:
     preds, gts = _diag_scenes()
-    # score >= .3 also keeps B's .4 prediction: B claimed, only D unclaimed; active 5/2.
-    d = instance_diagnostics(preds, gts, score_threshold=0.3)
-    assert d["unclaimed_rate"] == pytest.approx(0.25)
-    assert (d["active_queries"], d["num_pred"]) == (2.5, 5)
+    zero_scores = [{**p, "scores": np.zeros(len(p["scores"]))} for p in preds]
+    assert instance_diagnostics(zero_scores, gts) == instance_diagnostics(preds, gts)
     # C's claim has IoU exactly 0.6: not > 0.6, so C becomes unclaimed too (B, C, D: 3/4).
     d = instance_diagnostics(preds, gts, iou_threshold=0.6)
     assert d["unclaimed_rate"] == pytest.approx(0.75)
     assert d["duplicate_rate"] == pytest.approx(0.25)  # [0, 90) still has IoU 0.9 with A
+    # At 0.45 B's IoU of 0.5 is a claim: only D unclaimed.
+    assert instance_diagnostics(preds, gts, iou_threshold=0.45)["unclaimed_rate"] == 0.25
 
 
 def test_diagnostics_without_gt_and_with_torch() -> None:
@@ -303,7 +329,10 @@ def test_diagnostics_without_gt_and_with_torch() -> None:
     expected = {"duplicate_rate": 0.0, "unclaimed_rate": 0.0, "active_queries": 1.0}
     assert d == {**expected, "num_gt": 0, "num_pred": 1}
     assert instance_diagnostics([], [])["active_queries"] == 0.0
+    assert instance_diagnostics([{}], [gt((A, 0))])["unclaimed_rate"] == 1.0
     preds, gts = _diag_scenes()
     as_torch = [{k: torch.as_tensor(v) for k, v in p.items()} for p in preds]
     gts_torch = [{k: torch.as_tensor(v) for k, v in g.items()} for g in gts]
     assert instance_diagnostics(as_torch, gts_torch) == instance_diagnostics(preds, gts)
+    with pytest.raises(DataError, match="over the same points"):
+        instance_diagnostics([{"masks": np.ones((1, 5), bool)}], [gt((A, 0))])

@@ -326,3 +326,11 @@ def test_ray_optuna_search_uses_define_by_run_and_warm_start():
     for i in range(1, 4):
         config = searcher.suggest(f"t{i}")
         assert space.resolve(config).train.epochs == 8
+
+
+def test_readme_lists_every_objective_metric():
+    from pathlib import Path
+
+    text = " ".join((Path(__file__).parents[1] / "search_spaces" / "README.md").read_text().split())
+    listed = text.split("`objective.metric` is one of `")[1].split("`;")[0].split()
+    assert sorted(listed) == sorted(KNOWN_METRICS)

@@ -4,6 +4,7 @@ Why not reimplement: COCO AP has many conventions (101 recall points, crowd matc
 on the GT's area, 100 detections per image, interpolated precision) and papers report what
 ``COCOeval`` prints; a reimplementation would drift. This module only converts predictions to the
 result format, keeps pycocotools quiet and handles the cases it does not (no predictions at all).
+Class-agnostic AP is COCOeval too, with ``params.useCats = 0`` (COCO's proposal scoring).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pycocotools.cocoeval import COCOeval
 
 AP_KEYS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 """Keys of ``coco_mask_ap``'s result, in the order of ``COCOeval.stats[0:6]``."""
+AGNOSTIC_KEYS: tuple[str, ...] = ("AP", "AP50", "AP75", "AP25")
+"""Keys of ``coco_mask_ap_agnostic``'s result."""
 
 
 def _to_numpy(x: object) -> np.ndarray:
@@ -153,6 +156,61 @@ def coco_mask_ap(
         ValueError: ``image_ids`` or a result's ``image_id`` is not an image of ``coco_gt``, or a
             result carries a ``bbox`` (it would be evaluated as a box).
     """
+    evaluator = _evaluate(coco_gt, results, image_ids, category_ids, use_cats=True)
+    with quiet_pycocotools():
+        evaluator.summarize()
+    stats = [float(v) for v in evaluator.stats[: len(AP_KEYS)]]
+    return {key: (math.nan if v < 0 else v) for key, v in zip(AP_KEYS, stats, strict=True)}
+
+
+def coco_mask_ap_agnostic(
+    coco_gt: COCO,
+    results: list[dict],
+    image_ids: Sequence[int] | None = None,
+    category_ids: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """Class-agnostic COCO mask AP: ``COCOeval`` with ``params.useCats = 0``.
+
+    Every GT instance of ``category_ids`` and every result are one class, as in COCO's proposal
+    scoring: whether the masks are right, whatever the classes. With ``useCats = 0`` pycocotools
+    still keeps only GT *and results* whose category is in ``params.catIds``, so give every result
+    one of ``category_ids`` (which one does not matter).
+
+    AP25 comes from the same run: 0.25 is added to ``params.iouThrs`` (each threshold is matched
+    independently) and each value is read from ``eval["precision"]`` as ``summarize`` does (area
+    "all", 100 detections), AP over the standard 0.50:0.95 only.
+
+    Args and errors as ``coco_mask_ap``.
+
+    Returns:
+        ``{"AP", "AP50", "AP75", "AP25"}`` in [0, 1]; ``nan`` where there is no non-crowd GT.
+    """
+    evaluator = _evaluate(coco_gt, results, image_ids, category_ids, use_cats=False,
+                          extra_iou=0.25)
+    params = evaluator.params
+    # (T, R, K, A, M): IoU thresholds, recall points, categories, area ranges, max detections
+    precision = evaluator.eval["precision"][
+        :, :, :, params.areaRngLbl.index("all"), params.maxDets.index(100)]
+    standard = params.iouThrs >= 0.5
+    values = {
+        "AP": precision[standard],
+        "AP50": precision[np.isclose(params.iouThrs, 0.5)],
+        "AP75": precision[np.isclose(params.iouThrs, 0.75)],
+        "AP25": precision[np.isclose(params.iouThrs, 0.25)],
+    }
+    return {key: float(v[v > -1].mean()) if (v > -1).any() else math.nan
+            for key, v in values.items()}
+
+
+def _evaluate(
+    coco_gt: COCO,
+    results: list[dict],
+    image_ids: Sequence[int] | None,
+    category_ids: Sequence[int] | None,
+    use_cats: bool,
+    extra_iou: float | None = None,
+) -> COCOeval:
+    """A ``COCOeval`` (segm) after ``evaluate`` and ``accumulate``, inputs checked."""
     known = set(coco_gt.getImgIds())
     if image_ids is not None:
         image_ids = [int(i) for i in image_ids]
@@ -180,12 +238,13 @@ def coco_mask_ap(
     with quiet_pycocotools():
         coco_dt = coco_gt.loadRes(results) if results else _empty_results(coco_gt)
         evaluator = COCOeval(coco_gt, coco_dt, iouType="segm")
+        evaluator.params.useCats = int(use_cats)
+        if extra_iou is not None:
+            evaluator.params.iouThrs = np.append(evaluator.params.iouThrs, extra_iou)
         if image_ids is not None:
             evaluator.params.imgIds = sorted(set(image_ids))
         if category_ids is not None:
             evaluator.params.catIds = sorted({int(c) for c in category_ids})
         evaluator.evaluate()
         evaluator.accumulate()
-        evaluator.summarize()
-    stats = [float(v) for v in evaluator.stats[: len(AP_KEYS)]]
-    return {key: (math.nan if v < 0 else v) for key, v in zip(AP_KEYS, stats, strict=True)}
+    return evaluator

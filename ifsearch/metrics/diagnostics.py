@@ -5,6 +5,11 @@ matching, does not force a one-to-one assignment, so several queries may claim t
 (duplicates, which AP only punishes as lower-ranked false positives) while other instances are
 claimed by none. These rates separate the two failure modes and are cheap enough to log every
 validation step.
+
+They measure the claims, not the class head: pass every query's non-empty mask (the ``claims`` of
+``predict_instances``), with no score threshold. Counting only predictions whose class x mask
+score passes a threshold made a model with perfect masks but a class head that says "no object"
+everywhere read "unclaimed 1.0".
 """
 
 from __future__ import annotations
@@ -31,24 +36,21 @@ def instance_diagnostics(
     predictions: Sequence[Mapping[str, Any]],
     ground_truth: Sequence[Mapping[str, Any]],
     iou_threshold: float = 0.5,
-    score_threshold: float = 0.5,
 ) -> dict[str, float | int]:
-    """Measure how confident queries cover the GT instances, ignoring class labels.
+    """Measure how the predicted masks cover the GT instances, ignoring classes and scores.
 
     Args:
-        predictions: one dict per scene with ``"masks"`` (P, N) bool and ``"scores"`` (P,);
-            torch tensors or numpy arrays. Labels, if present, are ignored; ``{}`` means no
-            prediction in that scene.
+        predictions: one dict per scene with ``"masks"`` (P, N) bool, every one of which counts
+            (e.g. one per query with a non-empty mask); torch tensors or numpy arrays. Scores
+            and labels, if present, are ignored; ``{}`` means no prediction in that scene.
         ground_truth: one dict per scene with ``"masks"`` (K, N) bool.
         iou_threshold: a prediction claims a GT instance when IoU > this value (strict, as in AP).
-        score_threshold: only predictions with score >= this value count, i.e. the queries a
-            deployed model would actually output.
 
     Returns:
         ``duplicate_rate``: fraction of GT instances claimed by more than one prediction.
         ``unclaimed_rate``: fraction of GT instances claimed by no prediction.
-        ``active_queries``: mean number of kept predictions per scene.
-        ``num_gt`` and ``num_pred``: totals over all scenes (kept predictions only).
+        ``active_queries``: mean number of predictions per scene.
+        ``num_gt`` and ``num_pred``: totals over all scenes.
         Rates are 0.0 when there is no GT instance, and ``active_queries`` is 0.0 without scenes.
         GT masks with no point are not instances and are not counted.
 
@@ -64,8 +66,7 @@ def instance_diagnostics(
     for pred, gt in zip(predictions, ground_truth, strict=True):
         gt_masks = as_numpy(gt["masks"]).astype(bool)
         pred_masks = as_numpy(pred.get("masks", [])).astype(bool)
-        keep = as_numpy(pred.get("scores", []), np.float64).reshape(-1) >= score_threshold
-        num_pred += int(keep.sum())
+        num_pred += len(pred_masks)
         if gt_masks.size and gt_masks.ndim != 2:
             raise DataError(f"GT masks must be (instances, num_points), got {gt_masks.shape}")
         if gt_masks.size:
@@ -73,16 +74,16 @@ def instance_diagnostics(
         if gt_masks.size == 0:
             continue  # no GT instance in this scene: nothing to claim
         num_gt += len(gt_masks)
-        if not keep.any():
+        if len(pred_masks) == 0:
             num_unclaimed += len(gt_masks)
             continue
-        if pred_masks.shape != (len(keep), gt_masks.shape[1]):
+        if pred_masks.ndim != 2 or pred_masks.shape[1] != gt_masks.shape[1]:
             raise DataError(
-                f"got prediction masks of shape {pred_masks.shape} for {len(keep)} scores and GT "
-                f"masks of shape {gt_masks.shape}; both must be (instances, num_points) arrays "
-                "over the same points, with one score per prediction"
+                f"got prediction masks of shape {pred_masks.shape} and GT masks of shape "
+                f"{gt_masks.shape}; both must be (instances, num_points) arrays over the same "
+                "points"
             )
-        claims = (_pair_iou(pred_masks[keep], gt_masks) > iou_threshold).sum(0)  # per GT
+        claims = (_pair_iou(pred_masks, gt_masks) > iou_threshold).sum(0)  # (K,) per GT
         num_dup += int((claims > 1).sum())
         num_unclaimed += int((claims == 0).sum())
     return {

@@ -26,6 +26,9 @@ Protocol, per class and per IoU threshold ``t`` (0.50:0.05:0.90 for AP, 0.25 for
   ``np.convolve(recall, [-0.5, 0, 0.5], "valid")`` and ``AP = precision . widths``.
 * A class with GT and predictions gets that AP; GT but no predictions gives 0; no GT gives NaN,
   which is left out of the means. AP is the mean over the nine thresholds from 0.5 to 0.9.
+* Class-agnostic AP (``class_agnostic=True``, not part of the benchmark) runs the same protocol
+  with every GT instance of an evaluated class and every prediction in one class, so it measures
+  the masks alone; beside the class-aware AP it shows what the classes cost.
 
 Departures, only where the official script would crash or cannot express the input:
 
@@ -122,7 +125,8 @@ class _ClassScene:
 
 
 def _prepare_scene(
-    pred: Mapping[str, Any], gt: Mapping[str, Any], num_classes: int, min_region_size: int
+    pred: Mapping[str, Any], gt: Mapping[str, Any], num_classes: int, min_region_size: int,
+    class_agnostic: bool = False,
 ) -> dict[int, _ClassScene]:
     """Compute intersections, IoUs and ignore fractions for one scene, all classes at once."""
     gt_masks = _as_masks(gt["masks"], "ground_truth masks")
@@ -130,7 +134,12 @@ def _prepare_scene(
     gt_masks, pred_masks = align_point_counts(gt_masks, pred_masks)
     gt_labels = as_numpy(gt["labels"], np.int64).reshape(-1)
     scores = as_numpy(pred.get("scores", []), np.float64).reshape(-1)
-    pred_labels = as_numpy(pred.get("labels", []), np.int64).reshape(-1)
+    if class_agnostic:  # one class: GT of evaluated classes -> 0, the others stay void
+        gt_labels = np.where((gt_labels >= 0) & (gt_labels < num_classes), 0, -1)
+        pred_labels = np.zeros(len(pred_masks), dtype=np.int64)
+        num_classes = 1
+    else:
+        pred_labels = as_numpy(pred.get("labels", []), np.int64).reshape(-1)
     if len(gt_labels) != len(gt_masks) or not len(scores) == len(pred_labels) == len(pred_masks):
         raise DataError(
             f"got {len(pred_masks)} prediction masks, {len(scores)} scores, {len(pred_labels)} "
@@ -251,6 +260,7 @@ def instance_ap(
     min_region_size: int = 100,
     num_classes: int | None = None,
     class_names: Sequence[str] | None = None,
+    class_agnostic: bool = False,
 ) -> dict[str, Any]:
     """ScanNet-benchmark instance segmentation AP over a list of scenes.
 
@@ -265,11 +275,15 @@ def instance_ap(
         num_classes: number of evaluated classes; predictions with labels outside the range are
             dropped. Defaults to ``len(class_names)``, else to the largest label seen plus one.
         class_names: keys for ``per_class``; class indices are used when omitted.
+        class_agnostic: the same protocol with every GT instance of an evaluated class and every
+            prediction in one class (prediction labels are ignored and may be absent): whether
+            the masks are right, whatever the classes. GT of other labels stay void.
 
     Returns:
         ``{"AP", "AP50", "AP25", "per_class": {name_or_id: {"AP", "AP50", "AP25"}}}``. Per-class
         values are NaN for classes without (large enough) GT; the overall values average the
-        classes that have GT and are NaN when none has.
+        classes that have GT and are NaN when none has. With ``class_agnostic`` ``per_class``
+        has the single key ``"agnostic"``.
 
     Raises:
         DataError: if the scene lists differ in length or a scene's arrays are inconsistent.
@@ -290,9 +304,12 @@ def instance_ap(
         num_classes = _infer_num_classes(predictions, ground_truth)
 
     scenes = [
-        _prepare_scene(p, g, num_classes, min_region_size)
+        _prepare_scene(p, g, num_classes, min_region_size, class_agnostic)
         for p, g in zip(predictions, ground_truth, strict=True)
     ]
+    keys: list[Hashable] = list(range(num_classes)) if class_names is None else list(class_names)
+    if class_agnostic:
+        num_classes, keys = 1, ["agnostic"]
     thresholds = np.append(AP_THRESHOLDS, AP25_THRESHOLD)
     ap = np.full((num_classes, len(thresholds)), np.nan)
     for c in range(num_classes):
@@ -313,7 +330,6 @@ def instance_ap(
     n_ap = len(AP_THRESHOLDS)
     i50 = 0  # AP_THRESHOLDS[0] == 0.5; column n_ap holds 0.25
     class_ap = ap[:, :n_ap].mean(1)  # NaN rows stay NaN
-    keys: list[Hashable] = list(range(num_classes)) if class_names is None else list(class_names)
     per_class = {
         k: {"AP": float(class_ap[c]), "AP50": float(ap[c, i50]), "AP25": float(ap[c, n_ap])}
         for c, k in enumerate(keys)
