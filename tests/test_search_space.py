@@ -18,7 +18,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 ROOT = Path(__file__).resolve().parent.parent
 SPACE_FILES = sorted(glob.glob(str(ROOT / "search_spaces" / "*.yaml")))
 INFLUENCER_ONLY = {"loss.attr_weight", "loss.rep_weight", "loss.bg_weight", "loss.temperature",
-                   "loss.margin", "loss.mask_prob"}
+                   "loss.margin", "loss.mask_prob", "loss.mean", "loss.class_target",
+                   "loss.spill_weight", "loss.duplicate_weight"}
 HUNGARIAN_ONLY = {"loss.mask_weight", "loss.dice_weight"}
 
 VALID = {
@@ -78,9 +79,39 @@ def test_fair_comparison_same_base_data_and_budget():
     inf = load_search_space(ROOT / "search_spaces" / "influencer_default.yaml")
     hun = load_search_space(ROOT / "search_spaces" / "hungarian_baseline.yaml")
     assert inf.base["data"] == hun.base["data"]
+    assert inf.base["model"] == hun.base["model"]
     assert inf.budget == hun.budget
     assert hun.resolve({}).loss.name == "hungarian"
     assert inf.params["loss.margin"].high > 1  # margin <= 1 would not repel unclaimed instances
+
+
+# The knobs both criteria have (issue 12): the class head, the query count, deep supervision and
+# the learning rate. Each must be searched on both sides with the same range, or on neither.
+SHARED_KNOBS = ("train.lr", "loss.class_weight", "loss.no_object_weight", "model.num_queries",
+                "loss.deep_supervision")
+
+
+@pytest.mark.parametrize("key", SHARED_KNOBS)
+def test_fair_comparison_searches_shared_knobs_alike(key):
+    inf = load_search_space(ROOT / "search_spaces" / "influencer_default.yaml")
+    hun = load_search_space(ROOT / "search_spaces" / "hungarian_baseline.yaml")
+    assert (key in inf.params) == (key in hun.params)
+    if key in inf.params:
+        assert inf.params[key] == hun.params[key]
+    else:
+        section, name = key.split(".")
+        assert (getattr(getattr(inf.resolve({}), section), name)
+                == getattr(getattr(hun.resolve({}), section), name))
+
+
+def test_influencer_space_searches_the_seeds_ablations_and_new_options():
+    inf = load_search_space(ROOT / "search_spaces" / "influencer_default.yaml")
+    for key in ("loss.mask_prob", "loss.mean", "loss.deep_supervision", "loss.class_target",
+                "loss.spill_weight", "loss.duplicate_weight"):
+        assert key in inf.params, key
+    assert 0.0 in inf.params["loss.spill_weight"].values  # the search can switch it off
+    assert 0.0 in inf.params["loss.duplicate_weight"].values
+    assert inf.params["loss.claim_threshold"].when == {"loss.class_target": "threshold"}
 
 
 def test_conditional_params_follow_loss_name():
