@@ -206,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=2, help="runs trained at once")
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "fair_defaults")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="where the runs go (default runs/fair_defaults; a temp dir with "
+                             "--smoke-test)")
     parser.add_argument("--smoke-test", action="store_true",
                         help="tiny scenes, 1 epoch, 1 seed; writes a temporary file, not docs/")
     parser.add_argument("--output", type=Path, default=None, help="markdown file to write")
@@ -216,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke_test:
         args.epochs, args.seeds = 1, 1
         sets = list(SMOKE_SETS)
-        args.work = Path(tempfile.mkdtemp(prefix="fair_defaults_"))
+        args.work = args.work or Path(tempfile.mkdtemp(prefix="fair_defaults_"))
         output = output or args.work / "benchmarks.md"
+    args.work = args.work or REPO / "runs" / "fair_defaults"
     started = time.time()
     jobs = [(v, s, run_dir(args.work, v, s)) for v in TRAIN_VARIANTS for s in range(args.seeds)]
     train_all(jobs, args, sets)
