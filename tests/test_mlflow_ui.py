@@ -117,7 +117,9 @@ RUNS_TABLE = """(() => {
   }
   const headers = [...document.querySelectorAll('.ag-header-cell[col-id]')]
     .map(cell => cell.getAttribute('col-id'));
-  return {href: location.href, text: document.body.innerText, headers, rows};
+  const headings = [...document.querySelectorAll('h2')].map(h => h.innerText);
+  return {href: location.href, text: document.body ? document.body.innerText : "", headers,
+          headings, rows};
 })()"""
 
 
@@ -139,8 +141,10 @@ def test_the_printed_link_shows_the_sweep_runs_in_chromium(sweep, tmp_path):
         browser.close()
     print(f"screenshot: {shot}")
     assert page, f"no runs table at {link}; see {shot}"
-    # The runs view of the model-training UI, not the GenAI overview (traces, usage).
-    assert "/runs?" in page["href"] and "Detect Issues" not in page["text"]
+    # The runs view of the model-training UI ("Runs", the model registry in the side bar),
+    # not the GenAI one (its overview, or "Training runs" beside traces and judges).
+    assert "/runs?" in page["href"] and "Runs" in page["headings"]
+    assert "Model registry" in page["text"] and "Judges" not in page["text"]
     assert f"metrics.`{METRIC}`" in page["headers"]  # the objective, without picking it
     shown = {run_id: row for run_id, row in page["rows"].items() if run_id in runs}
     assert set(shown) == set(runs) == set(page["rows"])  # the parent and every trial, only
