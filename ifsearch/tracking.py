@@ -51,9 +51,10 @@ NOT_METRICS = set(AUTO_RESULT_KEYS) | set(DEBUG_METRICS) | {
     "worker_node_id", "worker_host",
 }
 MAX_PARAM_LENGTH = 500
-# MLflow 3's UI opens an experiment on its GenAI pages (traces, token usage) unless this experiment
-# tag names a model-training kind; "custom_model_development" is the one the installed UI (3.17)
-# shows as "Machine learning" and opens on the runs table.
+# The experiment's kind for MLflow 3's UI: "custom_model_development" is its model-training kind
+# ("Machine learning", runs table first). The 3.17 open-source UI decides GenAI vs training pages
+# by its workflow switch instead (a feature flag in its bundle), so links carry
+# workflowType=machine_learning too; the tag serves UIs that read it.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
 # The UI's own "Share" button stores a runs view (filter, sort, columns) as an experiment tag with
@@ -167,8 +168,10 @@ def sweep_view_link(client: MlflowClient, tracking_uri: str, experiment: str, sw
 
     The view (the sweep's runs, sorted by the objective, with the objective and the searched
     parameters as columns) is stored as one of the UI's shared views, so the link opens it
-    without the user picking columns. The trials are nested under the sweep's parent run, which
-    the UI shows folded (a shared view cannot unfold it).
+    without the user picking columns. Sorted by a metric, the UI lists the parent and its trials
+    flat; it nests (and folds) child runs only when sorted by creation time. The link names the
+    "machine_learning" workflow: MLflow 3.17 picks its GenAI or training pages by that switch,
+    not by the experiment's kind tag.
     """
     experiment_id = get_or_create_experiment(client, experiment)
     key = "ifsearch-" + re.sub(r"[^A-Za-z0-9_.-]", "_", sweep)
