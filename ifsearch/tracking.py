@@ -150,7 +150,7 @@ def find_or_create_parent_run(client: MlflowClient, experiment: str, sweep: str,
 
 
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
-    """The experiment's id, created if need be, tagged as model training so the UI opens on runs.
+    """The experiment's id, created if need be, tagged as a model-training experiment.
 
     An experiment whose kind a user already chose keeps it.
     """
