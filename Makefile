@@ -2,13 +2,14 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# CPU torch pin lives here, not in pyproject.toml (GPU users bring their own torch).
-CONSTRAINTS ?= constraints-cpu.txt
+# The versions the tests pass with, every dependency and torch included (README: "Two commands"
+# says how to refresh it). Used as constraints: pyproject.toml keeps its ranges for GPU users.
+CONSTRAINTS ?= requirements-lock.txt
 
 # PostgreSQL (Debian's packages) backs the MLflow server of the multi-node cluster test.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install postgres rehearsal benchmarks clean
+.PHONY: demo test install postgres chromium rehearsal benchmarks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -23,7 +24,7 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/python -m ifsearch.launch
 
-test: install postgres
+test: install postgres chromium
 	$(BIN)/python -m pytest tests
 
 postgres:
@@ -31,6 +32,13 @@ postgres:
 	  echo "installing PostgreSQL from Debian's packages"; \
 	  $(SUDO) apt-get update -q && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
+
+# Debian's Chromium: tests/test_mlflow_ui.py opens the MLflow UI in it, headless.
+chromium:
+	@[ -x /usr/bin/chromium ] || command -v chromium >/dev/null || { \
+	  echo "installing Chromium from Debian's packages"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
 
 # deploy/README.md on this machine: Postgres-backed MLflow, a 2-node Ray cluster, `ray job submit`.
 rehearsal: install postgres

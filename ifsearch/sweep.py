@@ -36,6 +36,7 @@ from ifsearch.tracking import (
     find_or_create_parent_run,
     finish_parent_run,
     mark_interrupted,
+    sweep_view_link,
 )
 from ifsearch.tracking_server import free_port
 from trainables import TrialSettings, train_driver_fn
@@ -206,6 +207,7 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
         space=plan.space, num_workers=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
         custom_resources=plan.worker_resources, storage_path=f"{sweep_uri}/train",
+        mlflow={"tracking_uri": tracking_uri, "experiment": args.experiment, "sweep": plan.name},
     )
     client = MlflowClient(tracking_uri)
     parent_params = {
@@ -221,6 +223,8 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
     }
     parent_run_id = find_or_create_parent_run(client, args.experiment, plan.name, parent_params,
                                               [Path(args.space)])
+    ui_link = sweep_view_link(client, tracking_uri, args.experiment, plan.name, plan.metric,
+                              plan.mode, list(plan.space.params))
     trainable = tune.with_resources(
         tune.with_parameters(train_driver_fn, settings=settings), {"cpu": DRIVER_CPUS}
     )
@@ -256,6 +260,7 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
     print(f"sweep {plan.name}: {plan.num_samples} trials x <= {plan.max_epochs} epochs, "
           f"{plan.searcher} + {plan.scheduler}, {concurrent} at once; MLflow {tracking_uri} "
           f"(experiment {args.experiment!r})", flush=True)
+    print(f"MLflow UI:     {ui_link}", flush=True)  # the sweep's runs, best first
     # Tune turns SIGINT into a clean stop that saves the experiment; give SIGTERM (what
     # schedulers and `kill` send) the same meaning instead of dying mid-write.
     previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
@@ -274,7 +279,8 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
               f"  python -m ifsearch.launch --resume --name {plan.name} --space {args.space}",
               flush=True)
         return 130
-    return _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri, local_dir)
+    return _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri, local_dir,
+                   ui_link)
 
 
 def _interrupted(sweep_uri: str, num_samples: int) -> bool:
@@ -285,7 +291,7 @@ def _interrupted(sweep_uri: str, num_samples: int) -> bool:
 
 
 def _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri: str,
-            local_dir: Path) -> int:
+            local_dir: Path, ui_link: str) -> int:
     """Pick the best trial, write and log best_config.yaml, the trials CSV and plots."""
     ok = [r for r in results if r.error is None and plan.metric in (r.metrics or {})]
     if not ok:
@@ -311,7 +317,9 @@ def _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri:
     plots = write_plots(results, plan, report / "plots")
     finish = {
         "kind": "parent_end", "sweep": plan.name, "status": "FINISHED",
-        "metrics": {k: best.metrics[k] for k in ("AP", "AP50", "AP25") if k in best.metrics},
+        # best_<objective> is already logged, once per finished trial (MlflowTrialLogger).
+        "metrics": {k: best.metrics[k] for k in ("AP", "AP50", "AP25")
+                    if k in best.metrics and k != plan.metric},
         "artifacts": [str(p) for p in (best_path, best_path.with_name("best_config_trial.json"),
                                        csv_path)],
         "artifact_dirs": {"plots": str(plots)},
@@ -336,7 +344,7 @@ def _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri:
         print(f"  {key}: {value}")
     print(f"best config:   {best_path}")
     print(f"checkpoint:    {checkpoint}")
-    print(f"MLflow UI:     {tracking_uri}  (experiment {args.experiment!r}, run {plan.name!r})")
+    print(f"MLflow UI:     {ui_link}")
     print(f"retrain:       python -m ifsearch.train --config {best_path}")
     print(f"warm start:    python -m ifsearch.launch --warm-start {best_path}")
     if failed:

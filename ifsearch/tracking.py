@@ -15,7 +15,11 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS
 
 from ifsearch.config import config_to_dict
@@ -46,6 +51,18 @@ NOT_METRICS = set(AUTO_RESULT_KEYS) | set(DEBUG_METRICS) | {
     "worker_node_id", "worker_host",
 }
 MAX_PARAM_LENGTH = 500
+# The experiment's kind for MLflow 3's UI: "custom_model_development" is its model-training kind
+# ("Machine learning", runs table first). The 3.17 open-source UI decides GenAI vs training pages
+# by its workflow switch instead (a feature flag in its bundle), so links carry
+# workflowType=machine_learning too; the tag serves UIs that read it.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+# The UI's own "Share" button stores a runs view (filter, sort, columns) as an experiment tag with
+# this prefix; a link with ?viewStateShareKey=<key> opens it. Its runsExpanded is not shared.
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+# Seconds between two system-metric samples of a trial (MLflow's default, 10 s, gives a trial of
+# the demo only a few points); $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
+SYSTEM_METRICS_INTERVAL = 5.0
 # What an unreachable or failing server raises through MlflowClient.
 UNREACHABLE = (MlflowException, requests.exceptions.RequestException, ConnectionError)
 
@@ -133,10 +150,93 @@ def find_or_create_parent_run(client: MlflowClient, experiment: str, sweep: str,
 
 
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    """The experiment's id, created if need be, tagged as a model-training experiment.
+
+    An experiment whose kind a user already chose keeps it.
+    """
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name)
+    if experiment is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return experiment.experiment_id
+
+
+def sweep_view_link(client: MlflowClient, tracking_uri: str, experiment: str, sweep: str,
+                    metric: str, mode: str, params: list[str]) -> str:
+    """A link to the runs view of one sweep in MLflow's UI, best trial first.
+
+    The view (the sweep's runs, sorted by the objective, with the objective and the searched
+    parameters as columns) is stored as one of the UI's shared views, so the link opens it
+    without the user picking columns. Sorted by a metric, the UI lists the parent and its trials
+    flat; it nests (and folds) child runs only when sorted by creation time. The link names the
+    "machine_learning" workflow: MLflow 3.17 picks its GenAI or training pages by that switch,
+    not by the experiment's kind tag.
+    """
+    experiment_id = get_or_create_experiment(client, experiment)
+    key = "ifsearch-" + re.sub(r"[^A-Za-z0-9_.-]", "_", sweep)
+    view = {
+        "searchFilter": tag_filter({SWEEP_TAG: sweep}),
+        "orderByKey": f"metrics.`{metric}`",
+        "orderByAsc": mode == "min",
+        "selectedColumns": [f"metrics.`{metric}`", *(f"params.`{name}`" for name in params)],
+    }
+    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(view))
+    query = urllib.parse.urlencode({"workflowType": "machine_learning", "viewStateShareKey": key})
+    page = f"#/experiments/{experiment_id}/runs?{query}"
+    if urllib.parse.urlsplit(tracking_uri).scheme in ("http", "https"):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"http://127.0.0.1:5000/{page} (once `mlflow ui --backend-store-uri {tracking_uri}` runs)"
+
+
+@contextmanager
+def system_metrics(run: dict[str, str] | None, trial_id: str) -> Iterator[None]:
+    """Log MLflow's system metrics into the trial's run while the block runs.
+
+    MLflow's ``SystemMetricsMonitor`` samples the machine it runs on (CPU, memory, disk,
+    network; NVIDIA GPUs when ``nvidia-ml-py`` finds one) as ``system/...`` metrics. The rank-0
+    Ray Train worker calls this: its node is where the trial trains, whereas the Tune driver that
+    creates the runs sits on the head node of a cluster. The numbers are the whole node's, so
+    trials sharing a node show the same load. The run is looked up in a thread, so an unreachable
+    server never delays training (the trial then simply has no system metrics).
+
+    Args:
+        run: ``{"tracking_uri", "experiment", "sweep"}`` of the sweep; None logs nothing.
+        trial_id: the Tune trial id tagged on the trial's run.
+    """
+    if not run:
+        yield
+        return
+    monitors = []
+    leaving = threading.Event()
+
+    def start() -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            client = MlflowClient(run["tracking_uri"])
+            experiment = client.get_experiment_by_name(run["experiment"])
+            found = experiment and client.search_runs(
+                [experiment.experiment_id],
+                tag_filter({SWEEP_TAG: run["sweep"], TRIAL_TAG: trial_id}), max_results=1)
+            if found and not leaving.is_set():
+                monitor = SystemMetricsMonitor(
+                    found[0].info.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL,
+                    resume_logging=True, tracking_uri=run["tracking_uri"])  # a restarted trial
+                monitor.start()
+                monitors.append(monitor)
+        except (*UNREACHABLE, ImportError):  # no psutil, or no server: training goes on
+            return
+
+    thread = threading.Thread(target=start, name="ifsearch-system-metrics", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        leaving.set()
+        thread.join(timeout=10)
+        for monitor in monitors:
+            monitor.finish()
 
 
 class RunWriter:
@@ -151,6 +251,7 @@ class RunWriter:
         self.client = client
         self.experiment_id = get_or_create_experiment(client, experiment)
         self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
+        self.parents: dict[str, str] = {}  # sweep -> its parent run id
 
     def apply(self, record: dict) -> None:
         getattr(self, f"_{record['kind']}")(record)
@@ -202,6 +303,20 @@ class RunWriter:
         for key, value in record.get("tags", {}).items():
             self.client.set_tag(run_id, key, value)
         self.client.set_terminated(run_id, status=record["status"])
+
+    def _progress(self, record: dict) -> None:
+        """The search's progress on the parent run (see ``MlflowTrialLogger._progress``)."""
+        sweep = record["sweep"]
+        if sweep not in self.parents:
+            found = self.client.search_runs(
+                [self.experiment_id], tag_filter({SWEEP_TAG: sweep, ROLE_TAG: "sweep"}),
+                max_results=1)
+            if not found:  # deleted by hand mid-sweep: progress is not worth stopping for
+                return
+            self.parents[sweep] = found[0].info.run_id
+        metrics = [Metric(k, v, record["timestamp"], record["step"])
+                   for k, v in record["metrics"].items()]
+        self.client.log_batch(self.parents[sweep], metrics=metrics)
 
     def _parent_end(self, record: dict) -> None:
         parent = reopen_run(self.client, self.experiment_id,
@@ -292,8 +407,10 @@ class MlflowTrialLogger(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         searched = {k: v for k, v in trial.config.items() if k in self.space.params}
-        self._send({"kind": "start", "trial_id": trial.trial_id, "name": str(trial),
-                    "number": trials.index(trial) + 1, "searched": sorted(searched),
+        number = trials.index(trial) + 1  # creation order
+        self._send({"kind": "start", "trial_id": trial.trial_id,
+                    "name": f"{self.sweep}/t{number:02d}", "number": number,
+                    "searched": sorted(searched),
                     "config": config_to_dict(self.space.resolve(searched))})
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -322,12 +439,35 @@ class MlflowTrialLogger(tune.Callback):
         if status == "KILLED":
             tags["ifsearch.stopped_at_epoch"] = str(epochs)
         self._send({"kind": "end", "trial_id": trial.trial_id, "status": status, "tags": tags})
+        self._progress(trials, trial)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         error_file = str(getattr(trial, "error_file", "") or "")
         tags = {"ifsearch.error_file": error_file[:MAX_PARAM_LENGTH],
                 "ifsearch.error": error_reason(error_file)[:5000]}
         self._send({"kind": "end", "trial_id": trial.trial_id, "status": "FAILED", "tags": tags})
+        self._progress(trials, trial)
+
+    def _progress(self, trials: list[Trial], trial: Trial) -> None:
+        """Log the best objective so far on the parent run, at step = trials finished so far.
+
+        Logged as the objective's own name (the column of the runs table then shows the sweep's
+        best beside each trial's value) and as ``best_<objective>`` (a chart of its own: the
+        search's progress). A trial's value is its last report, as for the best config; failed
+        trials count as finished but not as candidates. Computed from Tune's trial list, so a
+        resumed sweep continues the count.
+        """
+        metric, mode = self.space.objective["metric"], self.space.objective["mode"]
+        finished = [t for t in trials
+                    if t is trial or t.status in (Trial.TERMINATED, Trial.ERROR)]
+        values = [(t.last_result or {}).get(metric) for t in finished if t.status != Trial.ERROR]
+        values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+        if not values:
+            return
+        best = max(values) if mode == "max" else min(values)
+        self._send({"kind": "progress", "trial_id": trial.trial_id, "step": len(finished),
+                    "timestamp": int(time.time() * 1000),
+                    "metrics": {metric: best, f"best_{metric}": best}})
 
 
 def sync_spool(path: str | Path, tracking_uri: str | None = None) -> int:

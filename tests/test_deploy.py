@@ -6,11 +6,13 @@ from __future__ import annotations
 import re
 import shlex
 import tomllib
-from importlib.metadata import version
+from importlib.metadata import distributions, version
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from ifsearch.launch import build_parser
 
@@ -161,6 +163,40 @@ def test_dockerfile_pins_installed_versions(dist):
     assert _pins().get(dist) == installed, f"Dockerfile pins {dist}=={_pins().get(dist)}, installed {installed}"
     text = (DEPLOY / "docker" / "Dockerfile").read_text()
     assert f"=={{{dist.upper()}_PIN}}" in text.replace("$", ""), f"{dist} pin is declared but not used"
+
+
+LOCK = ROOT / "requirements-lock.txt"
+
+
+def _lock() -> dict[str, str]:
+    """{normalised name: version} of the lock (uv pip compile output; markers ignored)."""
+    pins = re.findall(r"^([A-Za-z0-9][\w.-]*)(?:\[[^\]]*\])?==([^\s;]+)", LOCK.read_text(), re.M)
+    return {canonicalize_name(name): pinned for name, pinned in pins}
+
+
+@pytest.mark.parametrize("dist", ["ray", "torch", "optuna", "mlflow"])
+def test_dockerfile_pins_are_the_locks(dist):
+    assert _pins().get(dist) == _lock()[dist], f"Dockerfile pins {dist}=={_pins().get(dist)}, " \
+        f"{LOCK.name} has {_lock()[dist]}"
+    text = (DEPLOY / "docker" / "Dockerfile").read_text()
+    assert text.count("-c /tmp/requirements-lock.txt") >= 3, "the image installs from the lock"
+
+
+def test_the_lock_pins_every_dependency_and_what_is_installed():
+    """`make` installs with the lock as constraints: a dependency missing from it would be
+    unpinned, and a drift of this environment from it means the tests ran other versions."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + [r for extra in project["optional-dependencies"].values()
+                                        for r in extra]
+    lock = _lock()
+    missing = {Requirement(r).name for r in wanted} - set(lock)
+    assert not missing, f"{LOCK.name} lacks {missing}: refresh it (README, Two commands)"
+    drift = {}
+    for dist in distributions():
+        name = canonicalize_name(dist.metadata["Name"])
+        if name in lock and dist.version.split("+")[0] != lock[name]:
+            drift[name] = (dist.version, lock[name])
+    assert not drift, f"installed vs {LOCK.name}: {drift}"
 
 
 def test_dockerfile_basics():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 from ifsearch.config import config_from_dict
@@ -14,7 +15,8 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
     """Run the plain training loop on this worker; DDP is already initialised by Ray Train.
 
     Args:
-        train_loop_config: ``{"config": <nested config dict>, "trial_id": str}``.
+        train_loop_config: ``{"config": <nested config dict>, "trial_id": str,
+            "mlflow": TrialSettings.mlflow}``.
     """
     config = config_from_dict(train_loop_config["config"], source="trial config")
     rank = ray_report.worker_rank()
@@ -34,4 +36,11 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
             files = [checkpoint, output_dir / METRICS_NAME] if checkpoint else None
             ray_report.report_epoch({**metrics, **location}, files)
 
-        train_loop(config, report=report)
+        # Rank 0's node is where the trial trains: its CPU/GPU/memory go into the trial's run.
+        monitor = nullcontext()
+        if rank == 0 and train_loop_config.get("mlflow"):
+            from ifsearch.tracking import system_metrics  # MLflow costs ~0.9 s CPU: rank 0 only
+
+            monitor = system_metrics(train_loop_config["mlflow"], train_loop_config["trial_id"])
+        with monitor:
+            train_loop(config, report=report)
