@@ -1208,7 +1208,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated keys of ABLATIONS to flip (default: the mode's)")
     p.add_argument("--search-seed", type=int, default=0, help="searcher seed of both sweeps")
     p.add_argument("--jobs", type=int, default=1,
-                   help="retrains at once (each uses the config's train.num_threads)")
+                   help="retrains at once; each uses the config's train.num_threads (2 in the "
+                        "study spaces), so with --jobs 2 on 2 cores add "
+                        "--set train.num_threads=1")
     p.add_argument("--storage", default=None,
                    help="Tune storage of the sweeps (default <work>/sweeps; on a cluster a "
                         "path every node sees)")
@@ -1246,7 +1248,9 @@ def resolve_budget(args: argparse.Namespace) -> tuple[str, Budget]:
         "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
         "rung_metric": args.rung_metric, "epochs": args.epochs, "seeds": _seeds(args.seeds),
         "ablation_seeds": _seeds(args.ablation_seeds)}.items() if v is not None}
-    budget = replace(budget, ablations=ablations, sets=(*budget.sets, *args.sets), **changes)
+    # One --set per key, the later winning (a recipe's sizes replace the smoke mode's).
+    sets = {item.partition("=")[0].strip(): item for item in (*budget.sets, *args.sets)}
+    budget = replace(budget, ablations=ablations, sets=tuple(sets.values()), **changes)
     if budget.grace_period > budget.max_epochs:
         raise StudyError(f"--grace-period {budget.grace_period} must be <= --max-epochs "
                          f"{budget.max_epochs}")

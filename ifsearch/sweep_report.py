@@ -262,3 +262,30 @@ def rung_trust(histories: Histories, rungs: Sequence[int], *, reduction_factor: 
         f"the {complete} complete trials like the final {final_metric} (Spearman >= "
         f"{min_spearman}) and stop none of its top {top_k}")
     return verdict
+
+
+def sweep_rung_trust(results, plan, **options) -> dict | None:
+    """``rung_trust`` of a finished sweep, from its Tune results and its plan; None without ASHA.
+
+    The rung metric is the scheduler's own (``scheduler.metric`` of the space, when the
+    launcher has one) else the objective; rungs, reduction factor and final epoch come from the
+    plan. For the end-of-sweep summary: print ``summary`` when ``trustworthy`` is False.
+
+    Args:
+        results: Tune's ``ResultGrid`` (or any iterable of results with ``metrics`` and
+            ``metrics_dataframe``).
+        plan: the ``SweepPlan`` (``scheduler``, ``grace_period``, ``max_epochs``, ``metric``,
+            ``mode``, ``space.scheduler``).
+        options: passed to ``rung_trust`` (``top_k``, ``min_spearman``, ``min_complete``).
+    """
+    if plan.scheduler != "asha":
+        return None
+    scheduler = plan.space.scheduler
+    rung_metric = scheduler.get("metric", plan.metric)
+    rung_mode = scheduler.get("mode", plan.mode)
+    rf = scheduler.get("reduction_factor", 2)
+    histories = histories_from_results(results, sorted({plan.metric, rung_metric}))
+    return rung_trust(histories, asha_rungs(plan.grace_period, plan.max_epochs, rf),
+                      reduction_factor=rf, rung_metric=rung_metric, final_metric=plan.metric,
+                      mode=plan.mode, rung_mode=rung_mode, final_epoch=plan.max_epochs,
+                      **options)

@@ -231,6 +231,7 @@ def test_retrain_history_is_complete_only_with_every_epoch(tmp_path):
     history = study.read_history(tmp_path)
     assert [m["AP50"] for m in history] == [0.1, 0.3, 0.4]
     assert not study.retrain_done(history, 4)
+    assert not study.retrain_done(history, 3)  # three epochs, but not 1..3
     assert study.retrain_done(history[:2], 2)
 
 
@@ -381,3 +382,12 @@ def test_smoke_study_interrupted_resumed_and_rerun(tmp_path):
     assert "0 to run" in third.stdout
     assert metrics.stat().st_mtime == stamp
     assert _processes_in(tmp_path) == []  # the launchers and their local Ray are gone
+
+
+def test_later_set_of_a_key_wins():
+    args = study.build_parser().parse_args(["--smoke-test", "--set", "data.num_points=512",
+                                            "--set", "train.lr=0.01"])
+    _, budget = study.resolve_budget(args)
+    assert budget.sets.count("data.num_points=512") == 1
+    assert not any(s == "data.num_points=256" for s in budget.sets)
+    assert "train.lr=0.01" in budget.sets

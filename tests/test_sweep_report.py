@@ -12,6 +12,7 @@ from ifsearch.sweep_report import (
     histories_from_results,
     rung_agreement,
     rung_trust,
+    sweep_rung_trust,
 )
 
 
@@ -126,3 +127,22 @@ def test_histories_from_results_keeps_the_resumed_report_of_an_epoch():
     histories = histories_from_results(results, ["AP50", "missing"])
     assert histories["a"] == {1: {"AP50": 0.1}, 2: {"AP50": 0.25}}
     assert list(histories["b"]) == [1]
+
+
+def test_sweep_rung_trust_reads_the_plan():
+    from types import SimpleNamespace
+
+    rows = {t: [{"epoch": 1, "AP50": 0.0}, {"epoch": 2, "AP50": v}] for t, v in
+            REVERSED_RUNG.items()}
+    for t, v in FINAL.items():
+        rows[t] += [{"epoch": 3, "AP50": 0.0}, {"epoch": 4, "AP50": v}]
+    results = [_Result(t, r) for t, r in rows.items()]
+    space = SimpleNamespace(scheduler={"name": "asha", "reduction_factor": 2})
+    plan = SimpleNamespace(scheduler="asha", grace_period=2, max_epochs=4, metric="AP50",
+                           mode="max", space=space)
+    verdict = sweep_rung_trust(results, plan)
+    # rungs: Ray's milestones for grace 2, max 4, rf 2 are 2 and 4; 4 is the end -> [2]
+    assert [r["epoch"] for r in verdict["rungs"]] == [2]
+    assert verdict["trustworthy"] is False and verdict["rungs"][0]["top_stopped"] == 2
+    assert sweep_rung_trust(results, SimpleNamespace(**{**vars(plan), "scheduler": "fifo"})) \
+        is None
