@@ -277,7 +277,7 @@ def test_an_interrupted_retrain_resumes_from_its_checkpoint(tmp_path):
     from ifsearch.config import Config, save_config
 
     config = Config()
-    config.data.num_points, config.data.train_scenes, config.data.val_scenes = 128, 4, 2
+    config.data.num_points, config.data.train_scenes, config.data.val_scenes = 256, 4, 2
     config.model.embed_dim, config.model.ffn_dim = 16, 32
     config.train.num_threads = 1
     path = save_config(config, tmp_path / "best.yaml")
