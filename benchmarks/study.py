@@ -1024,7 +1024,9 @@ def render(work: Work, budget: Budget, mode: str, args: argparse.Namespace,
     state = work.read_state()
     rungs = asha_rungs(budget)
     recipe = " \\\n  ".join(_pairs(recipe_args(local=False)))
-    local = [f"`{flag} {cluster}` -> " + (f"`{flag} {smoke}`" if smoke else "dropped (no cluster)")
+    sep = {"--launch-arg": "="}
+    local = [f"`{flag}{sep.get(flag, ' ')}{cluster}` -> "
+             + (f"`{flag}{sep.get(flag, ' ')}{smoke}`" if smoke else "dropped (no cluster)")
              for flag, cluster, smoke in RECIPE if smoke != cluster]
     gpu = GPU_RUN_RECORD or ("none recorded yet: no GPU was available where this study was "
                              "built; run the recipe on one and record the outcome in "
@@ -1149,7 +1151,8 @@ python benchmarks/study.py \\
 ```
 
 Checked: `tests/test_benchmark_study.py` runs this command line end to end at smoke size on a
-2-core CPU machine with `--smoke-test` added and these values replaced:
+2-core CPU machine with `--smoke-test` added and these values replaced (`{{tmp}}` is the test's
+temporary folder):
 {"; ".join(local)}. On a GPU: {gpu}.
 """
     return body, result

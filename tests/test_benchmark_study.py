@@ -245,9 +245,9 @@ def test_a_second_study_in_one_folder_is_refused(tmp_path):
     work = study.Work(tmp_path, str(tmp_path / "sweeps"))
     with study.study_lock(work):
         assert study.lock_holder(work) == os.getpid()
-        with pytest.raises(study.StudyError, match="another study .* is running"):
-            with study.study_lock(work):
-                pass
+        with pytest.raises(study.StudyError, match="another study .* is running"), \
+                study.study_lock(work):
+            pass
     assert study.lock_holder(work) is None
 
 
@@ -346,12 +346,13 @@ def test_smoke_study_interrupted_resumed_and_rerun(tmp_path):
     assert first.returncode == 130, text[-3000:]
     assert "run the same command again to continue" in text
     assert _processes_in(tmp_path) == []
-    status = subprocess.run([*cmd, "--status"], cwd=REPO, env=env, capture_output=True,
+    status = subprocess.run([*cmd, "--status"], check=False, cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=120)
     assert "not running" in status.stdout and "sweep influencer: resume" in status.stdout
 
     # 2. Rerun: the sweep resumes, the rest runs, the section is written.
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    second = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert "sweep influencer: resuming" in second.stdout
     assert "sweep hungarian: starting" in second.stdout
@@ -375,7 +376,8 @@ def test_smoke_study_interrupted_resumed_and_rerun(tmp_path):
     stamp = metrics.stat().st_mtime
 
     # 3. Rerun again: nothing left to train; the section is rebuilt from the folder.
-    third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    third = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=600)
     assert third.returncode == 0, third.stdout[-4000:] + third.stderr[-4000:]
     for loss in ("influencer", "hungarian"):
         assert f"sweep {loss}: finished earlier" in third.stdout
