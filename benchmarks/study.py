@@ -531,6 +531,7 @@ def _launch(loss: str, action: str, work: Work, budget: Budget, args: argparse.N
         proc = subprocess.Popen(cmd, cwd=work.root, env=launcher_env(), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         state.setdefault("launcher", {})[loss] = proc.pid
+        state.setdefault("sweep_since", {})[loss] = time.time()  # for the ETA meanwhile
         work.write_state(state)
         try:
             next_note, next_count = started + 60, started
@@ -559,6 +560,7 @@ def _launch(loss: str, action: str, work: Work, budget: Budget, args: argparse.N
             state["sweep_wall_s"][loss] = state["sweep_wall_s"].get(loss, 0.0) + (
                 time.perf_counter() - started)
             state.get("launcher", {}).pop(loss, None)
+            state.get("sweep_since", {}).pop(loss, None)
             work.write_state(state)
     if stalled:
         return True
@@ -746,7 +748,7 @@ def _log_finished(task: Task, history: list[dict], log: Clock, eta) -> None:
 # --------------------------------------------------------------------------- progress, ETA
 
 
-def progress(work: Work, budget: Budget, jobs: int = 1) -> dict:
+def progress(work: Work, budget: Budget, jobs: int = 1, running: bool = True) -> dict:
     """What is done and what is left, with the seconds left estimated from measurements.
 
     Sweeps: trial-epochs left (``expected_trial_epochs`` minus those reported) at the sweep's
@@ -754,13 +756,17 @@ def progress(work: Work, budget: Budget, jobs: int = 1) -> dict:
     else the other sweep's rate, else ``PRIOR_EPOCH_S`` at one trial per core. Retrains: epochs
     left at the median measured seconds per epoch of their loss (its retrains, else its sweep
     trials, else the prior), ``jobs`` at a time. Ablations not planned yet (the Influencer
-    sweep is running) count as ``count_flips`` variants.
+    sweep is running) count as ``count_flips`` variants. ``running``: a study is running now,
+    so a sweep's current attempt counts in its wall-clock.
     """
     state = work.read_state()
     sweeps, rates = {}, {}
     for loss in LOSSES:
         count, seconds = sweep_reports(work, loss)
         wall = state.get("sweep_wall_s", {}).get(loss, 0.0)
+        since = state.get("sweep_since", {}).get(loss)
+        if running and since:
+            wall += time.time() - since
         sweeps[loss] = {"action": sweep_action(work, loss), "reported": count, "wall_s": wall,
                         "epoch_s": _median(seconds)}
         if count >= 5 and wall > 0:
@@ -807,7 +813,7 @@ def print_status(work: Work, budget: Budget, jobs: int) -> None:
     print(f"study in {work.root}: " + (f"running (pid {holder})" if holder else "not running"))
     if not work.state_path.exists():
         print("  nothing started yet")
-    info = progress(work, budget, jobs)
+    info = progress(work, budget, jobs, running=holder is not None)
     for loss, sweep in info["sweeps"].items():
         print(f"  sweep {loss}: {sweep['action']}, {sweep['reported']} trial-epochs reported "
               f"(~{expected_trial_epochs(budget):.0f} expected), {_duration(sweep['wall_s'])}")

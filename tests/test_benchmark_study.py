@@ -393,3 +393,24 @@ def test_later_set_of_a_key_wins():
     assert budget.sets.count("data.num_points=512") == 1
     assert not any(s == "data.num_points=256" for s in budget.sets)
     assert "train.lr=0.01" in budget.sets
+
+
+def test_time_left_uses_the_measured_sweep_rate(tmp_path):
+    work = study.Work(tmp_path, str(tmp_path / "sweeps"))
+    budget = study.BUDGETS["full"]
+    trial = tmp_path / "sweeps" / "study-influencer" / "trial_0"
+    trial.mkdir(parents=True)
+    # 100 trial-epochs reported in 1000 s of this sweep: 0.1 trial-epochs per second
+    trial.joinpath("result.json").write_text(
+        "\n".join(json.dumps({"epoch": e, "epoch_seconds": 5.0}) for e in range(100)))
+    work.write_state({"sweep_wall_s": {"influencer": 400.0},
+                      "sweep_since": {"influencer": time.time() - 600.0}})
+    info = study.progress(work, budget, running=True)
+    expected = study.expected_trial_epochs(budget)
+    sweeps = (expected - 100) / 0.1 + expected / 0.1  # hungarian: the influencer's rate
+    retrain_epochs = budget.epochs * (2 * len(budget.seeds) + len(budget.ablation_seeds)
+                                      * study.count_flips(budget.ablations))
+    # the retrains' seconds per epoch: the influencer sweep's median (5 s), else the prior
+    retrains = budget.epochs * len(budget.seeds) * study.PRIOR_EPOCH_S["hungarian"] + (
+        retrain_epochs - budget.epochs * len(budget.seeds)) * 5.0
+    assert info["seconds_left"] == pytest.approx(sweeps + retrains, rel=1e-3)
