@@ -1,34 +1,42 @@
-"""The study: Influencer Loss vs Hungarian matching, each tuned by the project's own sweep.
+"""The study: Influencer Loss vs Hungarian matching, each searched fairly, at a budget that plateaus.
 
-Runs ``python -m ifsearch.launch`` for ``search_spaces/influencer_default.yaml`` and
-``search_spaces/hungarian_baseline.yaml`` with the same budget (trials x epochs, searcher seed,
-scheduler), retrains each sweep's ``best_config.yaml`` with several seeds and more epochs, and
-retrains the Influencer best config once more with ``loss.mask_prob`` flipped (sigmoid <-> softmax).
-It reports final val AP / AP50 / AP25 and duplicate rate (mean +- std over seeds), the
-wall-clock time to reach AP50 >= 0.5, AP50-vs-time curves, and the Optuna parameter importances
-rebuilt from each sweep's Tune results (``ifsearch.sweep_report.study_from_results``).
+Four stages, each resumable, all under ``--work`` (default ``runs/study``):
 
-    python benchmarks/study.py                 # 20 trials x <= 15 epochs per sweep, retrains of
-                                               # 40 epochs x 3 seeds (+3 flipped): ~25-35 min
-    python benchmarks/study.py --quick         # 6 x <= 6, 15 epochs x 2 seeds (+1): ~6-8 min
-    python benchmarks/study.py --smoke-test    # 2 x 1 on tiny scenes, 1 epoch x 1 seed: ~3 min;
-                                               # writes to a temp file, never docs/
+1. **Sweeps**: ``python -m ifsearch.launch`` on ``search_spaces/study_influencer.yaml`` and
+   ``search_spaces/study_hungarian.yaml`` (same data, model, shared ranges and budget; the
+   parameter table in the section is generated from the two files), TPE + ASHA.
+2. **Retrains**: each sweep's ``best_config.yaml`` with several seeds for more epochs than a
+   trial (``python -m ifsearch.train``, one run per process).
+3. **Ablations**: the Influencer best config with one factor flipped at a time (``ABLATIONS``).
+4. **Report**: the verdict (Welch's t interval of the difference, named only when it excludes
+   0), convergence speed, ablation table, whether ASHA's rungs could be trusted, importances,
+   plots; written to the ``study`` section of docs/benchmarks.md (``study_report.py``).
 
-Everything the study runs lands under ``--work`` (default ``runs/study``): the sweeps' Tune
-folders (``sweeps/``), their logs, the MLflow store (``mlflow.db``; browse it with
-``mlflow ui --backend-store-uri sqlite:///runs/study/mlflow.db``) and the retrains
-(``retrain/<variant>/seed<k>/metrics.jsonl``). No server or Ray process is left running: each
-sweep is one launcher process (its own local Ray) in its own process group, reaped at the end.
+    python benchmarks/study.py                 # the full study: hours on 2 cores (--status)
+    python benchmarks/study.py --quick         # a small dry run of every stage
+    python benchmarks/study.py --smoke-test    # tiny, ~minutes; temp files, never docs/
+
+In the background, continuing where it stopped whenever it is started again::
+
+    mkdir -p runs/study && nohup python benchmarks/study.py >> runs/study/study.log 2>&1 &
+    python benchmarks/study.py --status        # what is done, what is left, time left
+
+A rerun skips finished sweeps and retrain seeds (``metrics.jsonl`` holds every epoch), resumes
+an interrupted sweep (``ifsearch.launch --resume --name``) and an interrupted retrain (from its
+``checkpoint.pt``). ``study.lock`` keeps two copies from running in one work folder; Ctrl-C or
+``kill PID`` stops it cleanly (the running sweep saves its state). ``study.json`` records the
+budget a work folder was started with; a rerun with another budget is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
+import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -36,9 +44,10 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
@@ -46,89 +55,369 @@ for _path in (str(BENCHMARKS), str(REPO)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+import study_report as sr  # noqa: E402
 from launcher import end_launcher, launcher_env  # noqa: E402
-from report import DOCS, IMAGES, markdown_table, save_figure, write_section  # noqa: E402
+from report import DOCS, IMAGES, markdown_table, write_section  # noqa: E402
 
 SECTION = "study"
-TITLE = "The study: Influencer Loss vs Hungarian matching, each tuned by its own sweep"
-SPACES = {
-    "influencer": REPO / "search_spaces" / "influencer_default.yaml",
-    "hungarian": REPO / "search_spaces" / "hungarian_baseline.yaml",
+TITLE = "The study: Influencer Loss vs Hungarian matching, each searched fairly"
+LOSSES = ("influencer", "hungarian")
+SPACES = {loss: REPO / "search_spaces" / f"study_{loss}.yaml" for loss in LOSSES}
+OBJECTIVE = "AP50"  # the spaces' objective; the verdict's main number
+PENDING = "#pending: "  # a space line whose config keys arrive with issue 12 (see the spaces)
+PLOTS = {"main": "study_ap50_curves.png", "ablations": "study_ablation_curves.png"}
+SMOKE_SETS = ("data.num_points=256", "data.train_scenes=8", "data.val_scenes=4",
+              "model.embed_dim=16", "model.ffn_dim=32")
+
+# Seconds per epoch at the study size before anything is measured (2-core Xeon, default model,
+# 1024 points, 64/32 scenes, one thread, measured while other jobs shared the machine): only the
+# first ETA uses them; every later one uses the study's own measurements.
+PRIOR_EPOCH_S = {"influencer": 6.5, "hungarian": 6.0}
+
+# ---------------------------------------------------------------------------------- ablations
+
+# The one-factor-at-a-time flips of the Influencer best config (issue 16 item 3), as data: a
+# key's flips are its other values. A weight (0 = off) flips on/off: to 0 when the best config
+# uses it, else to ON_WEIGHT.
+ABLATIONS: dict[str, tuple] = {
+    "loss.mask_prob": ("sigmoid", "softmax"),
+    "loss.mean": ("geometric", "arithmetic"),
+    "loss.class_target": ("threshold", "best_query", "soft"),
+    "loss.deep_supervision": (True, False),
+    "loss.spill_weight": ("off", "on"),
+    "loss.duplicate_weight": ("off", "on"),
 }
-TARGET_AP50 = 0.5  # "time to AP50 = 0.5"
-PLOT_NAME = "study_ap50_vs_time.png"
-SMOKE_SETS = ("data.num_points=256", "data.train_scenes=8", "data.val_scenes=4")
+ON_WEIGHT = 1.0  # an extra term switched on: the middle of the spaces' choice 0.1 .. 3
+# The flips whose config keys exist before issue 12 is merged: smoke mode runs these. After the
+# merge, extend it to every key of ABLATIONS (the full and quick modes already use them all).
+SMOKE_ABLATIONS = ("loss.mask_prob",)
+
+
+def flips(best: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """(variant id, label, override) for each flip of ``best`` (dotted key -> value)."""
+    out = []
+    for key in keys:
+        name = key.split(".", 1)[1]
+        current = best.get(key)
+        if ABLATIONS[key] == ("off", "on"):
+            on = current is not None and float(current) > 0
+            state, value = ("off", 0.0) if on else ("on", ON_WEIGHT)
+            out.append((f"flip-{name}-{state}", f"{key} {state} ({value:g})", f"{key}={value}"))
+            continue
+        for value in ABLATIONS[key]:
+            if value != current:
+                text = json.dumps(value) if isinstance(value, bool) else str(value)
+                out.append((f"flip-{name}-{text}", f"{key} = {text}", f"{key}={text}"))
+    return out
+
+
+def count_flips(keys: tuple[str, ...]) -> int:
+    """How many flips ``flips`` will make, before the best config is known."""
+    return sum(1 if ABLATIONS[k] == ("off", "on") else len(ABLATIONS[k]) - 1 for k in keys)
+
+
+# ------------------------------------------------------------------------------------- budget
 
 
 @dataclass(frozen=True)
 class Budget:
-    """What one mode runs. Both sweeps get the same num_samples x max_epochs."""
+    """What one mode runs. Both sweeps get the same trials, epochs, rungs and searcher seed."""
 
     num_samples: int  # trials per sweep
-    max_epochs: int  # epochs per trial (ASHA may stop earlier)
-    epochs: int  # epochs of each retrain (more than the sweep: time to AP50 0.5)
+    max_epochs: int  # epochs of a trial that ASHA does not stop
+    grace_period: int  # ASHA's first rung: long enough for slow starters
+    reduction_factor: int  # ASHA keeps the top 1/rf at each rung
+    # ASHA's rung metric (the launcher's scheduler.metric); the objective stays AP50. The
+    # full mode's choice is a placeholder until measured: the section's rung table says whether
+    # the rungs could be trusted, for this metric and for AP50.
+    rung_metric: str
+    epochs: int  # epochs of every retrain (the plateau, not the sweep's horizon)
     seeds: tuple[int, ...]  # retrain seeds of each best config
-    flip_seeds: tuple[int, ...]  # retrain seeds of the flipped-mask_prob Influencer config
+    ablation_seeds: tuple[int, ...]  # retrain seeds of each flip
+    ablations: tuple[str, ...]  # keys of ABLATIONS to flip
     sets: tuple[str, ...] = ()  # --set for sweeps and retrains
-    estimate: str = ""
+    strict: bool = False  # refuse to run unless every space line and flip is available
 
 
 BUDGETS = {
-    "full": Budget(20, 15, 40, (0, 1, 2), (0, 1, 2), estimate="~25-35 min on 2 CPU cores"),
-    "quick": Budget(6, 6, 15, (0, 1), (0,), estimate="~6-8 min on 2 CPU cores"),
-    "smoke": Budget(2, 1, 1, (0,), (0,), SMOKE_SETS, estimate="~3 min"),
+    # 32 trials x <= 60 epochs, rungs 10 and 30; 5 seeds x 100 epochs; 3 seeds per flip.
+    "full": Budget(32, 60, 10, 3, "AP50_agnostic", 100, (0, 1, 2, 3, 4), (0, 1, 2),
+                   tuple(ABLATIONS), strict=True),
+    "quick": Budget(8, 15, 3, 3, "AP50", 30, (0, 1, 2), (0,), tuple(ABLATIONS)),
+    "smoke": Budget(2, 2, 1, 2, "AP50", 2, (0,), (0,), SMOKE_ABLATIONS, SMOKE_SETS),
 }
 
+# ---------------------------------------------------------------------------- the GPU recipe
+
+# The study at full size on a GPU cluster, as (flag, value on the cluster, value in the smoke
+# test). The section shows the cluster column; tests/test_benchmark_study.py runs the smoke
+# column (recipe_args(local=True)), so every flag of the documented command exists and works.
+# A value of None drops the flag (only --address: the test has no cluster to join).
+RECIPE = (
+    ("--work", "/shared/ifsearch/study", "{tmp}/work"),
+    ("--storage", "/shared/ifsearch/study/sweeps", "{tmp}/work/sweeps"),
+    ("--mlflow-uri", "http://mlflow.internal:5000", "sqlite:///{tmp}/work/mlflow.db"),
+    ("--launch-arg", "--address=auto", None),
+    ("--launch-arg", "--gpus-per-worker=1", "--gpus-per-worker=0"),
+    ("--launch-arg", "--cpus-per-worker=4", "--cpus-per-worker=1"),
+    ("--launch-arg", "--workers-per-trial=1", "--workers-per-trial=1"),
+    ("--set", "train.device=auto", "train.device=auto"),
+    ("--set", "data.num_points=4096", "data.num_points=256"),
+    ("--set", "data.train_scenes=2000", "data.train_scenes=8"),
+    ("--set", "data.val_scenes=200", "data.val_scenes=4"),
+    ("--set", "model.embed_dim=128", "model.embed_dim=16"),
+    ("--set", "model.ffn_dim=512", "model.ffn_dim=32"),
+)
+# What ran of the recipe on a GPU: None until someone runs it there (fill in: date, GPU,
+# command, outcome); the section prints it.
+GPU_RUN_RECORD: str | None = None
+
+
+def recipe_args(local: bool, tmp: str = "/tmp/study") -> list[str]:
+    """The recipe's arguments: the cluster form, or the smoke test's local form."""
+    args = []
+    for flag, cluster, smoke in RECIPE:
+        value = smoke if local else cluster
+        if value is not None:
+            args.append(f"{flag}={value.format(tmp=tmp)}" if flag == "--launch-arg"
+                        else flag)
+            if flag != "--launch-arg":
+                args.append(value.format(tmp=tmp))
+    return args
+
+
+# ------------------------------------------------------------------------------ work folder
+
+
+class StudyError(Exception):
+    """Something the user must fix before the study can go on (the message says what)."""
+
 
 @dataclass
-class Sweep:
-    """One finished launcher run and what the study reads back from it."""
+class Work:
+    """The study's folder and its files."""
 
-    loss: str
-    name: str
-    folder: Path
-    wall_s: float
-    best_config: Path
-    best: dict  # best_config_trial.json
-    trials: list[dict] = field(default_factory=list)  # {"config", "metrics", "epochs"}
-    importances: dict[str, dict[str, float] | str] = field(default_factory=dict)
-    params: list[str] = field(default_factory=list)  # searched (after --set fixed any)
-    stalled: bool = False  # interrupted after --stall-timeout without a new epoch report
-
-
-@dataclass
-class Run:
-    """One retrain: a variant of a best config with one seed, its per-epoch metrics."""
-
-    variant: str
-    seed: int
-    history: list[dict]
-    wall_s: float
+    root: Path
+    storage: str  # the sweeps' Tune storage (a path or URI)
 
     @property
-    def final(self) -> dict:
-        return self.history[-1]
+    def state_path(self) -> Path:
+        return self.root / "study.json"
 
-    def cumulative_seconds(self) -> list[float]:
-        total, out = 0.0, []
-        for m in self.history:
-            total += m["epoch_seconds"]
-            out.append(total)
-        return out
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "study.lock"
 
-    def reach(self, target: float = TARGET_AP50) -> tuple[int, float] | None:
-        """(epoch, cumulative seconds) of the first epoch with AP50 >= target, else None."""
-        for m, seconds in zip(self.history, self.cumulative_seconds()):
-            if m["AP50"] >= target:
-                return int(m["epoch"]), seconds
+    def space(self, loss: str) -> Path:
+        return self.root / "spaces" / SPACES[loss].name
+
+    def sweep_name(self, loss: str) -> str:
+        return f"study-{loss}"
+
+    def sweep_folder(self, loss: str) -> Path:
+        """Where the launcher exports the sweep (for a URI storage: under the cwd, ``root``)."""
+        if "://" in self.storage:
+            return self.root / "runs" / "sweeps" / self.sweep_name(loss)
+        return Path(self.storage) / self.sweep_name(loss)
+
+    def sweep_log(self, loss: str) -> Path:
+        return self.root / "logs" / f"sweep-{loss}.log"
+
+    def retrain(self, variant: str, seed: int) -> Path:
+        return self.root / "retrain" / variant / f"seed{seed}"
+
+    def read_state(self) -> dict:
+        if self.state_path.exists():
+            return json.loads(self.state_path.read_text())
+        return {}
+
+    def write_state(self, state: dict) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.state_path)
+
+
+@contextlib.contextmanager
+def study_lock(work: Work):
+    """Hold ``study.lock`` (flock) while the study runs; the kernel frees it if we die."""
+    work.root.mkdir(parents=True, exist_ok=True)
+    with open(work.lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            pid = handle.read().strip() or "?"
+            raise StudyError(f"another study (pid {pid}) is running in {work.root}; watch it "
+                             f"with `python benchmarks/study.py --status --work {work.root}`, or "
+                             f"stop it with `kill {pid}` (it saves its state) and start this one "
+                             "again") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def lock_holder(work: Work) -> int | None:
+    """The pid of the study running in ``work``, None when none is (reads, never takes, it)."""
+    if not work.lock_path.exists():
         return None
+    with open(work.lock_path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = handle.read().strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
 
 
-# ------------------------------------------------------------------------------------ running
+def _alive_launcher(pid: int | None) -> bool:
+    """Whether ``pid`` is a live ``ifsearch.launch`` process (an orphan of a killed study)."""
+    if not pid:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"ifsearch.launch" in cmdline
+
+
+# ----------------------------------------------------------------------------------- spaces
+
+
+def config_keys() -> set[str]:
+    """Every dotted key of this build's ``ifsearch.config.Config``."""
+    from ifsearch.config import Config, flatten_config
+
+    return set(flatten_config(Config()))
+
+
+def pending_lines(text: str) -> list[tuple[int, str, dict]]:
+    """(line index, uncommented line, its parsed mapping) of each ``#pending:`` line."""
+    import yaml
+
+    out = []
+    for index, line in enumerate(text.splitlines()):
+        stripped = line.lstrip()
+        if stripped.startswith(PENDING):
+            indent = line[: len(line) - len(stripped)]
+            uncommented = indent + stripped[len(PENDING):]
+            out.append((index, uncommented, yaml.safe_load(stripped[len(PENDING):])))
+    return out
+
+
+def effective_space(text: str, budget: Budget, keys: set[str], scheduler_metric: bool,
+                    source: str = "") -> tuple[str, list[str]]:
+    """A study space file as the study runs it: (YAML text, pending keys left out).
+
+    ``#pending:`` lines are enabled when every config key they name (the parameter and its
+    ``when`` keys) exists in this build; the others stay comments and are returned. The budget
+    and scheduler blocks are replaced by the study's ``budget``; the scheduler gets
+    ``metric: budget.rung_metric`` when the launcher knows that option (``scheduler_metric``).
+    """
+    import yaml
+
+    lines = text.splitlines()
+    left_out = []
+    for index, uncommented, parsed in pending_lines(text):
+        for key, spec in parsed.items():
+            needed = {key, *((spec or {}).get("when") or {})}
+            if needed <= keys:
+                lines[index] = uncommented
+            else:
+                left_out.append(key)
+    raw = yaml.safe_load("\n".join(lines))
+    raw["budget"] = {"num_samples": budget.num_samples, "max_epochs": budget.max_epochs,
+                     "grace_period": budget.grace_period}
+    scheduler = {"name": "asha", "reduction_factor": budget.reduction_factor}
+    if scheduler_metric and budget.rung_metric != raw.get("objective", {}).get("metric"):
+        scheduler.update(metric=budget.rung_metric, mode="max")
+    raw["scheduler"] = scheduler
+    header = (f"# Written by benchmarks/study.py from {source}: the study's budget and "
+              "scheduler, #pending lines\n# enabled where this build has their keys. Edit the "
+              "source, not this copy.\n")
+    return header + yaml.safe_dump(raw, sort_keys=False), left_out
+
+
+def prepare_spaces(work: Work, budget: Budget, log) -> dict[str, list[str]]:
+    """Write both effective spaces and validate them; returns the pending keys left out."""
+    from ifsearch.search_space import SCHEDULER_KEYS, load_search_space
+
+    keys = config_keys()
+    scheduler_metric = "metric" in SCHEDULER_KEYS
+    problems, left = [], {}
+    for loss in LOSSES:
+        text, left_out = effective_space(SPACES[loss].read_text(), budget, keys,
+                                         scheduler_metric, str(SPACES[loss].relative_to(REPO)))
+        path = work.space(loss)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        load_search_space(path, list(budget.sets))  # every problem at once, before any run
+        left[loss] = left_out
+        if left_out:
+            problems.append(f"{SPACES[loss].name}: {', '.join(left_out)} (their config keys "
+                            "are not in this build)")
+    if budget.rung_metric != OBJECTIVE and not scheduler_metric:
+        problems.append(f"the rung metric {budget.rung_metric} needs the launcher's "
+                        "scheduler.metric option (issue 13); ASHA judges rungs by AP50 instead")
+    missing = [k for k in budget.ablations if k not in keys]
+    if missing:
+        problems.append(f"ablation flips of {', '.join(missing)} (not in this build's config)")
+    if problems and budget.strict:
+        raise StudyError("the full study would not be fair in this build (issues 12/13 are "
+                         "not merged?):\n  - " + "\n  - ".join(problems) + "\nmerge them, or "
+                         "run --quick/--smoke-test, or narrow the study with --ablations")
+    for problem in problems:
+        log(f"note: left out: {problem}")
+    if missing:
+        raise StudyError(f"--ablations names keys this build's config lacks: {missing}; pass "
+                         "--ablations with keys from " + ", ".join(
+                             k for k in ABLATIONS if k in keys))
+    return left
+
+
+def fingerprint(budget: Budget, work: Work, search_seed: int) -> dict:
+    """What must not change between two runs in one work folder (resuming mixes otherwise)."""
+    spaces = {loss: hashlib.sha256(work.space(loss).read_bytes()).hexdigest()[:16]
+              for loss in LOSSES}
+    return {"budget": json.loads(json.dumps(asdict(budget))), "search_seed": search_seed,
+            "spaces": spaces}
+
+
+def check_fingerprint(work: Work, current: dict) -> None:
+    state = work.read_state()
+    before = state.get("fingerprint")
+    if before is None:
+        state["fingerprint"] = current
+        state.setdefault("started", time.strftime("%Y-%m-%d %H:%M:%S"))
+        work.write_state(state)
+        return
+    if before != current:
+        changed = sorted(k for k in set(before) | set(current)
+                         if before.get(k) != current.get(k))
+        detail = []
+        for key in changed:
+            if isinstance(before.get(key), dict) and isinstance(current.get(key), dict):
+                for sub in sorted(set(before[key]) | set(current[key])):
+                    if before[key].get(sub) != current[key].get(sub):
+                        detail.append(f"{key}.{sub}: {before[key].get(sub)!r} -> "
+                                      f"{current[key].get(sub)!r}")
+            else:
+                detail.append(f"{key}: {before.get(key)!r} -> {current.get(key)!r}")
+        raise StudyError(f"{work.root} holds a study started with other settings "
+                         f"({'; '.join(detail)}); continue it with the same options, or start "
+                         "afresh with another --work")
+
+
+# ----------------------------------------------------------------------------------- clock
 
 
 class Clock:
-    """Progress lines with the elapsed time of the whole study."""
+    """Progress lines with the wall-clock time of this process."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
@@ -137,11 +426,51 @@ class Clock:
         return time.perf_counter() - self.start
 
     def __call__(self, text: str) -> None:
-        minutes, seconds = divmod(int(self.elapsed()), 60)
-        print(f"[{minutes:02d}:{seconds:02d}] {text}", flush=True)
+        stamp = time.strftime("%H:%M:%S")
+        print(f"[{stamp} +{_duration(self.elapsed())}] {text}", flush=True)
 
 
-def _last_status(log_path: Path) -> str:
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+# ---------------------------------------------------------------------------------- sweeps
+
+
+def sweep_action(work: Work, loss: str) -> str:
+    """"done" (best config exported), "resume" (Tune state saved) or "fresh"."""
+    folder = work.sweep_folder(loss)
+    if (folder / "best_config.yaml").exists():
+        return "done"
+    if "://" not in work.storage:
+        tune_folder = Path(work.storage) / work.sweep_name(loss)
+        if any(tune_folder.glob("experiment_state-*.json")):
+            return "resume"
+    return "fresh"
+
+
+def sweep_reports(work: Work, loss: str) -> tuple[int, list[float]]:
+    """(trial-epochs reported so far, their epoch_seconds) from the trials' result.json."""
+    if "://" in work.storage:
+        return 0, []
+    count, seconds = 0, []
+    for path in (Path(work.storage) / work.sweep_name(loss)).glob("*/result.json"):
+        with contextlib.suppress(OSError, ValueError):
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    if "epoch" in row:
+                        count += 1
+                        seconds.append(float(row.get("epoch_seconds", math.nan)))
+    return count, seconds
+
+
+def _tune_status(log_path: Path) -> str:
     """The newest "Number of trials: ..." line of Tune's progress table, if any."""
     try:
         lines = log_path.read_text(errors="replace").splitlines()
@@ -153,140 +482,404 @@ def _last_status(log_path: Path) -> str:
     return ""
 
 
-def _reported_bytes(experiment: Path | None) -> int:
-    """Size of all trials' result.json files: grows with every reported epoch."""
-    if experiment is None or not experiment.exists():
-        return 0
-    total = 0
-    for path in experiment.glob("*/result.json"):
-        with contextlib.suppress(OSError):
-            total += path.stat().st_size
-    return total
+def run_sweep(loss: str, work: Work, budget: Budget, args: argparse.Namespace, log: Clock,
+              eta) -> None:
+    """Run, resume or skip the sweep of ``loss`` until its best config is exported."""
+    for attempt in range(1, 4):
+        action = sweep_action(work, loss)
+        if action == "done":
+            log(f"sweep {loss}: finished earlier ({work.sweep_folder(loss)}), skipped")
+            return
+        if action == "fresh" and "://" not in work.storage:
+            stale = Path(work.storage) / work.sweep_name(loss)
+            if stale.exists():  # started but never saved: start over, keep it for inspection
+                stale.rename(stale.with_name(f"{stale.name}.stale-{time.strftime('%H%M%S')}"))
+        stalled = _launch(loss, action, work, budget, args, log, eta)
+        if not stalled:
+            break
+        log(f"sweep {loss}: stalled (no epoch for {args.stall_timeout:.0f} s); resuming it "
+            f"(attempt {attempt + 1} of 3)")
+    if sweep_action(work, loss) != "done":
+        raise StudyError(f"sweep {loss} did not finish after 3 attempts; see "
+                         f"{work.sweep_log(loss)}")
 
 
-def other_ray_instances() -> list[int]:
-    """Pids of the GCS servers of local Ray instances running on this machine now."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            with contextlib.suppress(OSError):
-                if b"gcs_server" in (proc / "cmdline").read_bytes().split(b"\0")[0]:
-                    pids.append(int(proc.name))
-    return pids
-
-
-def _other_rays_note() -> str:
-    others = other_ray_instances()
-    if len(others) <= 1:  # our own sweep's
-        return ""
-    return (f"{len(others)} local Ray instances are running on this machine and share its "
-            "CPUs; run the study alone.")
-
-
-def run_sweep(loss: str, budget: Budget, args: argparse.Namespace, work: Path, log: Clock,
-              stamp: str) -> Sweep:
-    """One ``python -m ifsearch.launch`` run with cwd = ``work``; nothing lands in the repo."""
-    name = f"study-{loss}-{stamp}"
-    storage = args.storage or str(work / "sweeps")
-    cmd = [sys.executable, "-m", "ifsearch.launch", "--space", str(SPACES[loss]),
-           "--name", name, "--storage", storage, "--mlflow-uri", args.mlflow_uri,
-           "--experiment", args.experiment, "--seed", str(args.search_seed),
-           "--num-samples", str(budget.num_samples), "--max-epochs", str(budget.max_epochs)]
+def _launch(loss: str, action: str, work: Work, budget: Budget, args: argparse.Namespace,
+            log: Clock, eta) -> bool:
+    """One launcher process; returns True when it was interrupted for a stall."""
+    name = work.sweep_name(loss)
+    cmd = [sys.executable, "-m", "ifsearch.launch", "--space", str(work.space(loss)),
+           "--name", name, "--storage", work.storage, "--mlflow-uri", args.mlflow_uri,
+           "--experiment", args.experiment, "--seed", str(args.search_seed)]
+    if action == "resume":
+        cmd.append("--resume")
     for item in budget.sets:
         cmd += ["--set", item]
     cmd += args.launch_args
-    log_path = work / "logs" / f"sweep-{loss}.log"
+    log_path = work.sweep_log(loss)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log(f"sweep {loss}: {SPACES[loss].name}, {budget.num_samples} trials x <= "
-        f"{budget.max_epochs} epochs (log: {log_path})")
+    verb = "resuming" if action == "resume" else "starting"
+    log(f"sweep {loss}: {verb}, {budget.num_samples} trials x <= {budget.max_epochs} epochs, "
+        f"ASHA rungs {asha_rungs(budget)} on {budget.rung_metric} (log: {log_path})")
+    state = work.read_state()
     started = time.perf_counter()
-    experiment = Path(storage) / name if "://" not in storage else None
-    stalled_at: float | None = None  # when the stall detector sent SIGINT
-    with open(log_path, "w") as out:
-        out.write("$ " + " ".join(cmd) + "\n")
+    stalled = False
+    with open(log_path, "a") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n")
         out.flush()
         # Own session: the launcher and its local Ray form one process group we can reap.
-        proc = subprocess.Popen(cmd, cwd=work, env=launcher_env(), stdout=out,
+        proc = subprocess.Popen(cmd, cwd=work.root, env=launcher_env(), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+        state.setdefault("launcher", {})[loss] = proc.pid
+        state.setdefault("sweep_since", {})[loss] = time.time()  # for the ETA meanwhile
+        work.write_state(state)
         try:
-            next_note, last_size, last_change = started + 60, -1, started
+            next_note, next_count = started + 60, started
+            count, last_count, last_change = 0, -1, started
             while proc.poll() is None:
                 time.sleep(1.0)
                 now = time.perf_counter()
+                if now >= next_count:  # reading every result.json: not every second
+                    next_count = now + 10
+                    count, _ = sweep_reports(work, loss)
+                    if count != last_count:
+                        last_count, last_change = count, now
                 if now >= next_note:
-                    next_note += 60
-                    status = _last_status(log_path)
-                    log(f"  sweep {loss} running {now - started:.0f} s"
-                        + (f": {status}" if status else ""))
-                size = _reported_bytes(experiment)
-                if size != last_size:
-                    last_size, last_change = size, now
-                elif stalled_at is not None and now - stalled_at > 180:
-                    break  # the launcher ignores SIGINT: the finally clause escalates
-                elif stalled_at is None and args.stall_timeout and \
-                        now - last_change > args.stall_timeout:
-                    stalled_at = now
-                    log(f"  sweep {loss}: no trial reported an epoch for "
-                        f"{args.stall_timeout:.0f} s; interrupting it (SIGINT) and going on with "
-                        f"the trials it finished. {_other_rays_note()}")
-                    os.killpg(proc.pid, signal.SIGINT)
+                    next_note += args.progress_every
+                    status = _tune_status(log_path)
+                    log(f"  sweep {loss}: {count} trial-epochs reported (~"
+                        f"{expected_trial_epochs(budget):.0f} expected); "
+                        f"{status + '; ' if status else ''}study time left {eta()}")
+                if args.stall_timeout and now - last_change > args.stall_timeout:
+                    stalled = True
+                    break
         finally:
-            end_launcher(proc, grace=60.0)
-    wall = time.perf_counter() - started
-    # Exported files go to <storage>/<name> for a local storage, else <cwd>/runs/sweeps/<name>.
-    folder = Path(storage) / name if "://" not in storage else work / "runs" / "sweeps" / name
-    best_config = folder / "best_config.yaml"
-    if (proc.returncode != 0 and stalled_at is None) or not best_config.exists():
+            end_launcher(proc, grace=90.0)
+            state = work.read_state()
+            state.setdefault("sweep_wall_s", {})
+            state["sweep_wall_s"][loss] = state["sweep_wall_s"].get(loss, 0.0) + (
+                time.perf_counter() - started)
+            state.get("launcher", {}).pop(loss, None)
+            state.get("sweep_since", {}).pop(loss, None)
+            work.write_state(state)
+    if stalled:
+        return True
+    if proc.returncode == 130:
+        raise KeyboardInterrupt  # the launcher was interrupted from outside: stop here too
+    if proc.returncode != 0 or sweep_action(work, loss) != "done":
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
-        raise RuntimeError(f"sweep {loss} ({name}) exited with {proc.returncode} and no "
-                           f"{best_config}; the end of {log_path}:\n{tail}")
-    best = json.loads((folder / "best_config_trial.json").read_text())
-    sweep = Sweep(loss, name, folder, wall, best_config, best, stalled=stalled_at is not None)
-    read_trials(sweep, f"{storage.rstrip('/')}/{name}", list(budget.sets))
-    value = best.get("metrics", {}).get("AP50", float("nan"))
-    log(f"  sweep {loss} done in {wall:.0f} s: {len(sweep.trials)} trials, best trial "
-        f"{best.get('trial_id')} AP50 {value:.3f}")
-    return sweep
+        raise StudyError(f"sweep {loss} ({name}) exited with {proc.returncode} without "
+                         f"exporting a best config; the end of {log_path}:\n{tail}")
+    log(f"sweep {loss}: done in {_duration(time.perf_counter() - started)} (this attempt)")
+    return False
 
 
-def read_trials(sweep: Sweep, experiment_path: str, sets: list[str]) -> None:
-    """Every trial's config and last metrics from the Tune folder, and the importances.
+def asha_rungs(budget: Budget) -> list[int]:
+    from ifsearch.sweep_report import asha_rungs as rungs
 
-    The importances come from the same Optuna study the sweep plots for MLflow
-    (``ifsearch.sweep_report.study_from_results``): PED-ANOVA is Optuna 5's default (what the
-    sweep's ``param_importances.png`` shows); fANOVA (seeded) is the classic second opinion.
+    return rungs(budget.grace_period, budget.max_epochs, budget.reduction_factor)
+
+
+def expected_trial_epochs(budget: Budget) -> float:
+    """Trial-epochs of one sweep if ASHA kept exactly the top 1/rf at each rung.
+
+    Asynchronous ASHA promotes somewhat more (early trials face fewer rivals), so this is a
+    lower bound; the ETA corrects it by the rate measured while the sweep runs.
     """
+    milestones = [*asha_rungs(budget), budget.max_epochs]
+    total, previous = 0.0, 0
+    for k, milestone in enumerate(milestones):
+        total += budget.num_samples / budget.reduction_factor ** k * (milestone - previous)
+        previous = milestone
+    return total
+
+
+# --------------------------------------------------------------------------------- retrains
+
+
+@dataclass
+class Task:
+    """One retrain: a config, the overrides of its variant, one seed."""
+
+    variant: str
+    label: str
+    config: Path
+    extra: tuple[str, ...]
+    seed: int
+    family: str  # which loss it trains (its seconds per epoch), for the ETA
+
+
+def read_history(folder: Path) -> list[dict]:
+    """``metrics.jsonl`` of a retrain, one entry per epoch (a re-run epoch replaces the first)."""
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return []
+    by_epoch = {}
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            row = json.loads(line)
+            by_epoch[int(row["epoch"])] = row
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def retrain_done(history: list[dict], epochs: int) -> bool:
+    """Every epoch 1..epochs is in the history."""
+    return {int(m["epoch"]) for m in history} >= set(range(1, epochs + 1))
+
+
+def plan_retrains(work: Work, budget: Budget) -> tuple[list[Task], dict[str, str]]:
+    """Every retrain of the study, seeds interleaved across variants, and the variant labels.
+
+    Needs both best configs (the sweeps are done). Variants are interleaved seed by seed, so
+    a change in the machine's load during the study does not fall on one variant only.
+    """
+    from ifsearch.config import flatten_config, load_config
+
+    best = {loss: work.sweep_folder(loss) / "best_config.yaml" for loss in LOSSES}
+    inf_best = flatten_config(load_config(best["influencer"]))
+    labels = {"influencer": "Influencer (sweep's best)", "hungarian": "Hungarian (sweep's best)"}
+    variants = [("influencer", best["influencer"], (), budget.seeds, "influencer"),
+                ("hungarian", best["hungarian"], (), budget.seeds, "hungarian")]
+    for variant, label, override in flips(inf_best, budget.ablations):
+        labels[variant] = f"Influencer best, {label}"
+        variants.append((variant, best["influencer"], (override,), budget.ablation_seeds,
+                         "influencer"))
+    tasks = []
+    for seed in sorted({s for *_, seeds, _ in variants for s in seeds}):
+        for variant, config, extra, seeds, family in variants:
+            if seed in seeds:
+                tasks.append(Task(variant, labels[variant], config, extra, seed, family))
+    return tasks, labels
+
+
+def run_retrains(tasks: list[Task], work: Work, budget: Budget, args: argparse.Namespace,
+                 log: Clock, eta) -> None:
+    """Run every unfinished retrain, ``args.jobs`` at a time, each in its own process."""
+    todo = []
+    for task in tasks:
+        history = read_history(work.retrain(task.variant, task.seed))
+        if retrain_done(history, budget.epochs):
+            continue
+        todo.append(task)
+    done = len(tasks) - len(todo)
+    log(f"retrains: {len(tasks)} runs of {budget.epochs} epochs, {done} finished earlier; "
+        f"{len(todo)} to run, {args.jobs} at a time; study time left {eta()}")
+    running: dict[subprocess.Popen, tuple[Task, int]] = {}
+    last_note = time.perf_counter()
+    try:
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                task = todo.pop(0)
+                running[_start_retrain(task, work, budget, log)] = (task, 0)
+            time.sleep(2.0)
+            for proc, (task, attempts) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[proc]
+                folder = work.retrain(task.variant, task.seed)
+                history = read_history(folder)
+                if proc.returncode == 0 and retrain_done(history, budget.epochs):
+                    (folder / "checkpoint.pt").unlink(missing_ok=True)  # metrics suffice
+                    _log_finished(task, history, log, eta)
+                elif proc.returncode == 0 and attempts == 0:
+                    # The checkpoint is ahead of the metrics file (a kill between the two
+                    # writes): only a fresh run gives a whole history.
+                    log(f"  {task.variant} seed {task.seed}: metrics incomplete after a clean "
+                        "exit; starting it afresh")
+                    (folder / "checkpoint.pt").unlink(missing_ok=True)
+                    running[_start_retrain(task, work, budget, log)] = (task, 1)
+                else:
+                    tail = "\n".join((folder / "train.log").read_text(
+                        errors="replace").splitlines()[-20:])
+                    raise StudyError(f"retrain {task.variant} seed {task.seed} failed (exit "
+                                     f"{proc.returncode}); the end of {folder / 'train.log'}:"
+                                     f"\n{tail}")
+            if time.perf_counter() - last_note > args.progress_every and running:
+                last_note = time.perf_counter()
+                for task, _ in running.values():
+                    history = read_history(work.retrain(task.variant, task.seed))
+                    if history:
+                        m = history[-1]
+                        log(f"  {task.variant} seed {task.seed}: epoch {m['epoch']}/"
+                            f"{budget.epochs}, AP50 {m['AP50']:.3f}; study time left {eta()}")
+    finally:
+        for proc in running:  # interrupted: each run keeps its checkpoint and resumes later
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+        for proc in running:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _start_retrain(task: Task, work: Work, budget: Budget, log: Clock) -> subprocess.Popen:
+    folder = work.retrain(task.variant, task.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    resuming = (folder / "checkpoint.pt").exists()
+    overrides = [*budget.sets, *task.extra, f"train.seed={task.seed}",
+                 f"train.epochs={budget.epochs}", f"train.output_dir={folder}",
+                 "train.resume=true"]
+    cmd = [sys.executable, "-m", "ifsearch.train", "--config", str(task.config)]
+    for item in overrides:
+        cmd += ["--set", item]
+    done = len(read_history(folder))
+    log(f"  {task.variant} seed {task.seed}: "
+        + (f"resuming after epoch {done}" if resuming else "starting"))
+    with open(folder / "train.log", "a") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n")
+        out.flush()
+        return subprocess.Popen(cmd, cwd=work.root, env=launcher_env(), stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def _log_finished(task: Task, history: list[dict], log: Clock, eta) -> None:
+    run = sr.Run(task.variant, task.seed, history)
+    m = run.final
+    reached = run.reach(sr.TARGETS[0])
+    agnostic = run.value("AP50_agnostic")
+    log(f"  {task.variant} seed {task.seed}: done, AP50 {m['AP50']:.3f}"
+        + (f" (agnostic {agnostic:.3f})" if agnostic is not None else "")
+        + f", duplicates {m['duplicate_rate']:.2f}, AP50 >= {sr.TARGETS[0]} "
+        + (f"at epoch {reached[0]}" if reached else "never")
+        + f", {run.median_epoch_seconds():.2f} s/epoch; study time left {eta()}")
+
+
+# --------------------------------------------------------------------------- progress, ETA
+
+
+def progress(work: Work, budget: Budget, jobs: int = 1, running: bool = True) -> dict:
+    """What is done and what is left, with the seconds left estimated from measurements.
+
+    Sweeps: trial-epochs left (``expected_trial_epochs`` minus those reported) at the sweep's
+    measured rate (reported trial-epochs per second of its wall-clock, start-ups included),
+    else the other sweep's rate, else ``PRIOR_EPOCH_S`` at one trial per core. Retrains: epochs
+    left at the median measured seconds per epoch of their loss (its retrains, else its sweep
+    trials, else the prior), ``jobs`` at a time. Ablations not planned yet (the Influencer
+    sweep is running) count as ``count_flips`` variants. ``running``: a study is running now,
+    so a sweep's current attempt counts in its wall-clock.
+    """
+    state = work.read_state()
+    sweeps, rates = {}, {}
+    for loss in LOSSES:
+        count, seconds = sweep_reports(work, loss)
+        wall = state.get("sweep_wall_s", {}).get(loss, 0.0)
+        since = state.get("sweep_since", {}).get(loss)
+        if running and since:
+            wall += time.time() - since
+        sweeps[loss] = {"action": sweep_action(work, loss), "reported": count, "wall_s": wall,
+                        "epoch_s": _median(seconds)}
+        if count >= 5 and wall > 0:
+            rates[loss] = count / wall
+    cores = os.cpu_count() or 1
+    sweep_left = 0.0
+    for loss, info in sweeps.items():
+        if info["action"] == "done":
+            continue
+        left = max(expected_trial_epochs(budget) - info["reported"], 0.0)
+        rate = rates.get(loss) or next(iter(rates.values()), None) or \
+            cores / PRIOR_EPOCH_S[loss]
+        sweep_left += left / rate
+    histories: dict[str, list[float]] = {loss: [] for loss in LOSSES}
+    runs = []
+    if all(info["action"] == "done" for info in sweeps.values()):
+        tasks, _ = plan_retrains(work, budget)
+    else:  # the best configs are not known yet: count the runs the plan will hold
+        tasks = [Task(v, v, Path(), (), s, v) for s in budget.seeds for v in LOSSES]
+        tasks += [Task(f"flip{i}", "", Path(), (), s, "influencer")
+                  for i in range(count_flips(budget.ablations)) for s in budget.ablation_seeds]
+    for task in tasks:
+        history = read_history(work.retrain(task.variant, task.seed))
+        histories[task.family] += [m["epoch_seconds"] for m in history]
+        runs.append((task, len(history)))
+    retrain_left = 0.0
+    for task, done in runs:
+        per_epoch = (_median(histories[task.family]) or sweeps[task.family]["epoch_s"]
+                     or PRIOR_EPOCH_S[task.family])
+        retrain_left += max(budget.epochs - done, 0) * per_epoch
+    finished = sum(1 for task, done in runs if done >= budget.epochs)
+    return {"sweeps": sweeps, "runs": runs, "finished_runs": finished,
+            "seconds_left": sweep_left + retrain_left / max(jobs, 1),
+            "measured": bool(rates) or any(histories.values())}
+
+
+def _median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else None
+
+
+def print_status(work: Work, budget: Budget, jobs: int) -> None:
+    holder = lock_holder(work)
+    print(f"study in {work.root}: " + (f"running (pid {holder})" if holder else "not running"))
+    if not work.state_path.exists():
+        print("  nothing started yet")
+    info = progress(work, budget, jobs, running=holder is not None)
+    for loss, sweep in info["sweeps"].items():
+        print(f"  sweep {loss}: {sweep['action']}, {sweep['reported']} trial-epochs reported "
+              f"(~{expected_trial_epochs(budget):.0f} expected), {_duration(sweep['wall_s'])}")
+    by_variant: dict[str, list[int]] = {}
+    for task, done in info["runs"]:
+        by_variant.setdefault(task.variant, []).append(done)
+    for variant, done in by_variant.items():
+        full = sum(1 for d in done if d >= budget.epochs)
+        print(f"  retrain {variant}: {full}/{len(done)} seeds finished, epochs "
+              f"{sum(min(d, budget.epochs) for d in done)}/{budget.epochs * len(done)}")
+    source = "measured" if info["measured"] else "prior (nothing measured yet)"
+    print(f"  time left: ~{_duration(info['seconds_left'])} ({source}; asynchronous ASHA "
+          "promotes more trials than the estimate assumes)")
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+@dataclass
+class SweepResult:
+    """A finished sweep as the report reads it."""
+
+    loss: str
+    best: dict  # best_config_trial.json
+    wall_s: float
+    params: list[str]
+    trials: list[dict] = field(default_factory=list)  # {"config", "epochs", "error", "AP50"}
+    histories: dict = field(default_factory=dict)  # trial id -> {epoch: {metric: value}}
+    importances: dict[str, dict[str, float] | str] = field(default_factory=dict)
+
+
+def read_sweep(loss: str, work: Work, budget: Budget) -> SweepResult:
+    """Trials, per-epoch histories and Optuna importances of a finished sweep."""
     import optuna
     from ray.tune import ExperimentAnalysis, ResultGrid
 
     from ifsearch.search_space import load_search_space
-    from ifsearch.sweep_report import study_from_results
+    from ifsearch.sweep_report import histories_from_results, study_from_results
 
-    space = load_search_space(SPACES[sweep.loss], sets)  # as the launcher saw it
-    sweep.params = list(space.params)
-    grid = ResultGrid(ExperimentAnalysis(experiment_path))
+    space = load_search_space(work.space(loss), list(budget.sets))
+    folder = work.sweep_folder(loss)
+    best = json.loads((folder / "best_config_trial.json").read_text())
+    wall = work.read_state().get("sweep_wall_s", {}).get(loss, math.nan)
+    sweep = SweepResult(loss, best, wall, list(space.params))
+    grid = ResultGrid(ExperimentAnalysis(f"{work.storage.rstrip('/')}/{work.sweep_name(loss)}"))
+    metrics = sorted({OBJECTIVE, budget.rung_metric})
+    sweep.histories = histories_from_results(grid, metrics)
     for result in grid:
         frame = result.metrics_dataframe
         sweep.trials.append({
             "config": {k: v for k, v in (result.config or {}).items() if k in space.params},
-            "metrics": dict(result.metrics or {}),
             "epochs": 0 if frame is None or "epoch" not in frame else int(frame["epoch"].max()),
             "error": result.error is not None,
+            "AP50": (result.metrics or {}).get(OBJECTIVE),
         })
-    plan = SimpleNamespace(metric=space.objective["metric"], mode=space.objective["mode"],
-                           space=space, name=sweep.name)
+    plan = SimpleNamespace(metric=OBJECTIVE, mode="max", space=space, name=work.sweep_name(loss))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with contextlib.redirect_stdout(sys.stderr):  # "plots leave out trial ..." notes
+    with contextlib.redirect_stdout(sys.stderr):
         study = study_from_results(grid, plan)
     values = {t.value for t in study.trials}
-    if len(values) < 2:  # Optuna would return equal shares; say what happened instead
-        reason = f"n/a (all {len(study.trials)} trials scored {plan.metric} {values or '-'})"
+    if len(values) < 2:
+        reason = f"n/a (all {len(study.trials)} trials scored AP50 {values or '-'})"
         sweep.importances = {"PED-ANOVA": reason, "fANOVA": reason}
-        return
-    evaluators = {
-        "PED-ANOVA": lambda: optuna.importance.PedAnovaImportanceEvaluator(),
-        "fANOVA": lambda: optuna.importance.FanovaImportanceEvaluator(seed=0),
-    }
+        return sweep
+    evaluators = {"PED-ANOVA": lambda: optuna.importance.PedAnovaImportanceEvaluator(),
+                  "fANOVA": lambda: optuna.importance.FanovaImportanceEvaluator(seed=0)}
     for label, make in evaluators.items():
         try:
             with warnings.catch_warnings():
@@ -295,126 +888,27 @@ def read_trials(sweep: Sweep, experiment_path: str, sets: list[str]) -> None:
                     study, evaluator=make())
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
             sweep.importances[label] = f"n/a ({exc})"
+    return sweep
 
 
-def retrain(variant: str, config_path: Path, seed: int, extra: list[str], budget: Budget,
-            work: Path, log: Clock) -> Run:
-    """Train one variant/seed in this process with ``train_loop``; per-epoch metrics kept."""
-    from ifsearch.config import load_config
-    from ifsearch.train import train_loop
-
-    output = work / "retrain" / variant / f"seed{seed}"
-    shutil.rmtree(output, ignore_errors=True)  # metrics.jsonl is appended to: start clean
-    overrides = [*budget.sets, *extra, f"train.seed={seed}", f"train.epochs={budget.epochs}",
-                 f"train.output_dir={output}", "train.resume=false"]
-    config = load_config(config_path, overrides)
-    history: list[dict] = []
-    output.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with open(output / "train.log", "w") as out, contextlib.redirect_stdout(out):
-        train_loop(config, report=lambda metrics, checkpoint: history.append(dict(metrics)))
-    wall = time.perf_counter() - started
-    (output / "checkpoint.pt").unlink(missing_ok=True)  # only the metrics are needed
-    run = Run(variant, seed, history, wall)
-    reached = run.reach()
-    log(f"  {variant} seed {seed}: {len(history)} epochs in {wall:.0f} s, final AP50 "
-        f"{run.final['AP50']:.3f} AP {run.final['AP']:.3f} dup {run.final['duplicate_rate']:.2f}"
-        f", AP50 >= {TARGET_AP50}: "
-        + (f"epoch {reached[0]} ({reached[1]:.1f} s)" if reached else "not reached"))
-    return run
-
-
-# ----------------------------------------------------------------------------------- summary
-
-
-def _mean_std(values: list[float], digits: int = 3) -> str:
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def _stats(values: list[float]) -> tuple[float, float]:
-    mean = statistics.mean(values)
-    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def summarize(runs: list[Run]) -> dict:
-    """Mean/std inputs of one variant over its seeds."""
-    reached = [r.reach() for r in runs]
-    return {
-        "n": len(runs),
-        **{k: [r.final[k] for r in runs] for k in ("AP", "AP50", "AP25", "duplicate_rate")},
-        "best_AP50": [max(m["AP50"] for m in r.history) for r in runs],
-        # median: robust to a few epochs slowed by other load on the machine
-        "epoch_s": [statistics.median(m["epoch_seconds"] for m in r.history) for r in runs],
-        "reach_s": [x[1] for x in reached if x], "reach_epoch": [x[0] for x in reached if x],
-    }
-
-
-def _reach_cell(s: dict, key: str, digits: int) -> str:
-    count = f"{len(s[key])}/{s['n']} seeds"
-    if not s[key]:
-        return f"not reached (0/{s['n']} seeds)"
-    return f"{_mean_std([float(v) for v in s[key]], digits)} ({count})"
-
-
-def variants_table(labels: dict[str, str], groups: dict[str, list[Run]]) -> str:
-    rows = []
-    for variant, runs in groups.items():
-        s = summarize(runs)
-        rows.append([labels[variant], s["n"], _mean_std(s["AP"]), _mean_std(s["AP50"]),
-                     _mean_std(s["AP25"]), _mean_std(s["duplicate_rate"], 2),
-                     _mean_std(s["best_AP50"]),
-                     _reach_cell(s, "reach_epoch", 1), _reach_cell(s, "reach_s", 1),
-                     _mean_std(s["epoch_s"], 2)])
-    return markdown_table(
-        ["variant", "seeds", "AP", "AP50", "AP25", "duplicate rate", "best-epoch AP50",
-         f"epochs to AP50 ≥ {TARGET_AP50}", f"seconds to AP50 ≥ {TARGET_AP50}",
-         "s / epoch (median)"], rows)
-
-
-def seeds_table(labels: dict[str, str], groups: dict[str, list[Run]]) -> str:
-    rows = []
-    for variant, runs in groups.items():
-        for run in runs:
-            m, reached = run.final, run.reach()
-            rows.append([labels[variant], run.seed, f"{m['AP']:.3f}", f"{m['AP50']:.3f}",
-                         f"{m['AP25']:.3f}", f"{m['duplicate_rate']:.2f}",
-                         f"{m['unclaimed_rate']:.2f}", f"{m['active_queries']:.1f}",
-                         f"epoch {reached[0]}, {reached[1]:.1f} s" if reached else "not reached",
-                         f"{run.wall_s:.0f}"])
-    return markdown_table(["variant", "seed", "AP", "AP50", "AP25", "duplicate rate",
-                           "unclaimed rate", "active queries", f"AP50 ≥ {TARGET_AP50} at",
-                           "wall s"], rows)
-
-
-def sweeps_table(sweeps: dict[str, Sweep], budget: Budget) -> str:
+def sweeps_table(sweeps: dict[str, SweepResult], budget: Budget) -> str:
     rows = []
     for loss, sweep in sweeps.items():
-        values = [t["metrics"].get("AP50") for t in sweep.trials if not t["error"]]
-        values = [v for v in values if v is not None]
-        full = sum(1 for t in sweep.trials if t["epochs"] >= budget.max_epochs)
-        best = sweep.best.get("metrics", {})
-        name = SPACES[loss].name + (" (interrupted: stalled)" if sweep.stalled else "")
-        rows.append([loss, name, len(sweep.trials), full,
-                     len(sweep.trials) - full,
-                     f"{best.get('AP50', float('nan')):.3f}",
-                     f"{statistics.median(values):.3f}" if values else "n/a",
-                     f"{sweep.wall_s:.0f}"])
+        ok = [t for t in sweep.trials if not t["error"]]
+        full = sum(1 for t in ok if t["epochs"] >= budget.max_epochs)
+        values = [t["AP50"] for t in ok if t["AP50"] is not None]
+        best = sweep.best.get("metrics", {}).get(OBJECTIVE, math.nan)
+        epochs = sum(t["epochs"] for t in sweep.trials)
+        rows.append([loss, SPACES[loss].name, len(sweep.trials), full, len(ok) - full,
+                     len(sweep.trials) - len(ok), f"{best:.3f}",
+                     f"{statistics.median(values):.3f}" if values else "n/a", epochs,
+                     _duration(sweep.wall_s)])
     return markdown_table(["loss", "space", "trials", f"ran all {budget.max_epochs} epochs",
-                           "stopped early (ASHA)", "best trial AP50", "median trial AP50",
-                           "sweep wall s"], rows)
+                           "stopped by ASHA", "failed", "best trial AP50",
+                           "median trial AP50 (last epoch)", "trial-epochs", "wall-clock"], rows)
 
 
-def _value(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
-
-
-def importance_table(sweeps: dict[str, Sweep]) -> str:
+def importance_table(sweeps: dict[str, SweepResult]) -> str:
     rows = []
     for loss, sweep in sweeps.items():
         ped, fan = sweep.importances.get("PED-ANOVA"), sweep.importances.get("fANOVA")
@@ -422,285 +916,321 @@ def importance_table(sweeps: dict[str, Sweep]) -> str:
         params = list(sweep.params)
         if isinstance(ped, dict):
             params.sort(key=lambda p: -ped.get(p, 0.0))
+
+        def cell(imp, param):
+            if isinstance(imp, dict):
+                return f"{imp[param]:.2f}" if param in imp else "–"
+            return imp if isinstance(imp, str) else "–"
+
         for rank, param in enumerate(params, start=1):
-            rows.append([loss, rank, f"`{param}`",
-                         f"{ped[param]:.2f}" if isinstance(ped, dict) and param in ped else
-                         (ped if isinstance(ped, str) else "–"),
-                         f"{fan[param]:.2f}" if isinstance(fan, dict) and param in fan else
-                         (fan if isinstance(fan, str) else "–"),
-                         _value(searched.get(param, "–"))])
+            value = searched.get(param, "–")
+            rows.append([loss, rank, f"`{param}`", cell(ped, param), cell(fan, param),
+                         f"{value:.3g}" if isinstance(value, float) else str(value)])
     return markdown_table(["loss", "rank", "parameter", "importance (PED-ANOVA)",
                            "importance (fANOVA)", "best trial's value"], rows)
 
 
-def mask_prob_in_sweep(sweep: Sweep) -> str:
-    rows = []
-    by_choice: dict[str, list[float]] = {}
-    for trial in sweep.trials:
-        choice = trial["config"].get("loss.mask_prob")
-        if choice is not None and "AP50" in trial["metrics"]:
-            by_choice.setdefault(choice, []).append(trial["metrics"]["AP50"])
-    for choice, values in sorted(by_choice.items()):
-        rows.append([choice, len(values), f"{max(values):.3f}", f"{statistics.mean(values):.3f}"])
-    if not rows:
-        return "(no finished Influencer trial reported `loss.mask_prob`)"
-    return markdown_table(["`loss.mask_prob`", "sweep trials", "best AP50", "mean AP50 "
-                           "(early-stopped trials at their last epoch)"], rows)
+def rung_analyses(sweeps: dict[str, SweepResult], groups: dict[str, list[sr.Run]],
+                  budget: Budget) -> tuple[list[tuple[str, dict]], str]:
+    """``rung_trust`` on each sweep (its rung metric and AP50) and on the unpruned retrains.
+
+    Returns the rows and a sentence on the slow starter: at each rung, how many seeds of each
+    best config the cutoff (computed over all retrains together) would have stopped.
+    """
+    from ifsearch.sweep_report import rung_trust
+
+    rungs = asha_rungs(budget)
+    common = {"reduction_factor": budget.reduction_factor, "final_metric": OBJECTIVE}
+    analyses = []
+    for loss, sweep in sweeps.items():
+        for metric in dict.fromkeys((budget.rung_metric, OBJECTIVE)):
+            analyses.append((f"{loss} sweep, trials that ran to the end", rung_trust(
+                sweep.histories, rungs, rung_metric=metric, final_epoch=budget.max_epochs,
+                **common)))
+    retrains = {f"{variant}/seed{run.seed}": {int(m["epoch"]): m for m in run.history}
+                for variant, runs in groups.items() for run in runs}
+    pooled = []
+    for metric in dict.fromkeys((budget.rung_metric, OBJECTIVE)):
+        result = rung_trust(retrains, rungs, rung_metric=metric, final_epoch=budget.epochs,
+                            **common)
+        analyses.append(("all retrains (unpruned)", result))
+        pooled.append((metric, result))
+    words = []
+    metric, result = pooled[-1]  # AP50 at the rungs
+    for row in result["rungs"]:
+        cutoff = row["cutoff"]
+        if math.isnan(cutoff):
+            continue
+        counts = []
+        for variant in LOSSES:
+            runs = groups.get(variant, [])
+            below = sum(1 for r in runs
+                        if (v := _at_epoch(r.history, row["epoch"], metric)) is not None
+                        and v < cutoff)
+            counts.append(f"{below}/{len(runs)} {variant} seeds")
+        words.append(f"epoch {row['epoch']} (cutoff {metric} {cutoff:.3f}): " + ", ".join(counts))
+    sentence = ("Judged together at the sweeps' rungs (ASHA's cutoff over all retrains' "
+                f"{metric}), the best configs' seeds that would have been stopped: "
+                + ("; ".join(words) if words else "none (no rung before the last epoch)") + ".")
+    return analyses, sentence
 
 
-def mask_prob_sentence(labels: dict[str, str], groups: dict[str, list[Run]], picked: str) -> str:
-    """The flipped-mask_prob retrain against the sweep's pick, in one paragraph."""
-    a, b = summarize(groups["influencer"]), summarize(groups["influencer_flip"])
-    other = "sigmoid" if picked == "softmax" else "softmax"
-    better = statistics.mean(b["AP50"]) > statistics.mean(a["AP50"])
-    return (f"The Influencer sweep's best trial uses `loss.mask_prob: {picked}`. Retrained with "
-            f"`{other}` and everything else equal, it reached final AP50 "
-            f"{_mean_std(b['AP50'])} ({b['n']} seed(s)) against {_mean_std(a['AP50'])} "
-            f"({a['n']} seed(s)) with `{picked}`; AP {_mean_std(b['AP'])} vs "
-            f"{_mean_std(a['AP'])}, duplicate rate {_mean_std(b['duplicate_rate'], 2)} vs "
-            f"{_mean_std(a['duplicate_rate'], 2)}. At this config `"
-            f"{other if better else picked}` is the better choice by final AP50"
-            + (f", although the other weights were tuned with `{picked}`." if better else
-               f" (the other weights were tuned with `{picked}`, which favours it)."))
+def _at_epoch(history: list[dict], epoch: int, metric: str) -> float | None:
+    for m in history:
+        if int(m["epoch"]) >= epoch:
+            return m.get(metric)
+    return None
 
 
-def plot(labels: dict[str, str], groups: dict[str, list[Run]], path: Path) -> Path:
-    """AP50 and duplicate rate vs cumulative wall-clock seconds, one line per seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = {"influencer": "tab:red", "influencer_flip": "tab:orange",
-               "hungarian": "tab:blue"}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for variant, runs in groups.items():
-        for i, run in enumerate(runs):
-            x = run.cumulative_seconds()
-            kwargs = dict(color=colours.get(variant, "grey"), lw=1.4, alpha=0.85,
-                          marker="o", ms=2.5, label=labels[variant] if i == 0 else None)
-            left.plot(x, [m["AP50"] for m in run.history], **kwargs)
-            right.plot(x, [m["duplicate_rate"] for m in run.history], **kwargs)
-    left.axhline(TARGET_AP50, color="grey", ls="--", lw=1)
-    left.set_xlabel("wall-clock seconds (cumulative train + validation)")
-    left.set_ylabel("val AP50")
-    left.set_title("AP50 vs time, one line per seed", fontsize=10)
-    left.legend(fontsize=8, loc="upper left")
-    right.set_xlabel("wall-clock seconds (cumulative train + validation)")
-    right.set_ylabel("duplicate rate")
-    right.set_title("ground-truth instances matched by > 1 prediction", fontsize=10)
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    return save_figure(fig, path)
+def gather_runs(tasks: list[Task], work: Work, budget: Budget) -> dict[str, list[sr.Run]]:
+    """Finished retrains by variant, in plan order."""
+    groups: dict[str, list[sr.Run]] = {}
+    for task in tasks:
+        history = read_history(work.retrain(task.variant, task.seed))
+        groups.setdefault(task.variant, [])
+        if retrain_done(history, budget.epochs):
+            groups[task.variant].append(sr.Run(task.variant, task.seed,
+                                               history[:budget.epochs]))
+    return groups
 
 
-def verdict(labels: dict[str, str], groups: dict[str, list[Run]]) -> tuple[str, str]:
-    """(who won and by how much, where the Influencer Loss loses), from the numbers."""
-    inf, hun = summarize(groups["influencer"]), summarize(groups["hungarian"])
-    n = min(inf["n"], hun["n"])
-    (mi, si), (mh, sh) = _stats(inf["AP50"]), _stats(hun["AP50"])
-    delta, noise = mi - mh, math.hypot(si, sh)
-    spread = (f"Influencer {mi:.3f} ± {si:.3f} vs Hungarian {mh:.3f} ± {sh:.3f} final val AP50 "
-              f"(mean ± std over {n} seed{'s' if n > 1 else ''})")
-    ap = (f"AP {statistics.mean(inf['AP']):.3f} vs {statistics.mean(hun['AP']):.3f}, "
-          f"AP25 {statistics.mean(inf['AP25']):.3f} vs {statistics.mean(hun['AP25']):.3f}")
-    if n < 2:
-        won = (f"**{'Influencer Loss' if delta > 0 else 'Hungarian baseline'} ahead, one seed "
-               f"only (no spread):** {spread}; {ap}.")
-    elif abs(delta) <= noise:
-        won = (f"**No clear winner:** {spread}: the difference ({delta:+.3f}) is within the "
-               f"seed spread (±{noise:.3f}, the two stds combined); {ap}.")
-    else:
-        name = "The Influencer Loss" if delta > 0 else "The Hungarian baseline"
-        loser = mh if delta > 0 else mi
-        ratio = f", {max(mi, mh) / loser:.1f}x the loser's" if loser >= 0.01 else ""
-        times = f"{abs(delta) / noise:.1f}x" if noise else "far above"
-        won = (f"**{name} won** by {abs(delta):.3f} AP50 ({times} the seed spread "
-               f"±{noise:.3f}{ratio}): {spread}; {ap}.")
-    if "influencer_flip" in groups:
-        flip = summarize(groups["influencer_flip"])
-        won += (f" With `loss.mask_prob` flipped, the Influencer config reached "
-                f"{_mean_std(flip['AP50'])} AP50 ({labels['influencer_flip']}).")
-
-    losses = []
-    for key, name, higher_better, digits in (
-            ("AP", "AP (IoU 0.5:0.9)", True, 3), ("AP50", "AP50", True, 3),
-            ("AP25", "AP25", True, 3), ("duplicate_rate", "duplicate rate", False, 2),
-            ("epoch_s", "median seconds per epoch", False, 2)):
-        a, b = statistics.mean(inf[key]), statistics.mean(hun[key])
-        if (a < b) if higher_better else (a > b):
-            losses.append(f"{name} {a:.{digits}f} vs {b:.{digits}f}")
-    if len(inf["reach_s"]) < len(hun["reach_s"]):
-        losses.append(f"AP50 ≥ {TARGET_AP50} reached by {len(inf['reach_s'])}/{inf['n']} seeds "
-                      f"vs {len(hun['reach_s'])}/{hun['n']}")
-    elif inf["reach_s"] and hun["reach_s"] and \
-            statistics.mean(inf["reach_s"]) > statistics.mean(hun["reach_s"]):
-        losses.append(f"time to AP50 ≥ {TARGET_AP50} {statistics.mean(inf['reach_s']):.1f} s vs "
-                      f"{statistics.mean(hun['reach_s']):.1f} s")
-    where = ("Measured here, the Influencer Loss (its sweep's best config) is behind the "
-             "Hungarian baseline on: " + "; ".join(losses) + "." if losses else
-             "Measured here, the Influencer Loss is behind the Hungarian baseline on none of "
-             "AP, AP50, AP25, duplicate rate, time to AP50 0.5 and seconds per epoch.")
-    return won, where
-
-
-def render(labels: dict[str, str], groups: dict[str, list[Run]], sweeps: dict[str, Sweep],
-           budget: Budget, mode: str, image_link: str, total_s: float,
-           search_seed: int = 0) -> str:
-    won, where = verdict(labels, groups)
-    inf_sweep = sweeps["influencer"]
-    picked = inf_sweep.best.get("searched", {}).get("loss.mask_prob", "?")
-    sets = ", with " + " ".join(f"`--set {s}`" for s in budget.sets) if budget.sets else ""
-    n_trials = budget.num_samples
+def render(work: Work, budget: Budget, mode: str, args: argparse.Namespace,
+           images: Path, out: Path, pending: dict[str, list[str]]) -> tuple[str, dict]:
+    """The section's markdown, and the verdict (for the console)."""
     from ifsearch.config import load_config
+    from ifsearch.search_space import load_search_space
 
-    config = load_config(sweeps["hungarian"].best_config)
+    spaces = {loss: load_search_space(work.space(loss), list(budget.sets)) for loss in LOSSES}
+    sweeps = {loss: read_sweep(loss, work, budget) for loss in LOSSES}
+    tasks, labels = plan_retrains(work, budget)
+    groups = gather_runs(tasks, work, budget)
+    main = {k: groups.get(k, []) for k in LOSSES}
+    flipped = {k: v for k, v in groups.items() if k not in LOSSES}
+    result = sr.verdict(main["influencer"], main["hungarian"])
+    image_main = sr.plot_curves(main, labels, images / PLOTS["main"],
+                                "Retrained best configs: val AP50")
+    image_flips = sr.plot_curves({"influencer": main["influencer"], **flipped}, labels,
+                                 images / PLOTS["ablations"],
+                                 "Ablations of the Influencer best config: val AP50")
+    link = {k: os.path.relpath(p.resolve(), out.resolve().parent)
+            for k, p in (("main", image_main), ("ablations", image_flips))}
+    analyses, slow_starter = rung_analyses(sweeps, groups, budget)
+    config = load_config(work.sweep_folder("hungarian") / "best_config.yaml")
     data = (f"{config.data.name} scenes of {config.data.num_points} points, "
             f"{config.data.train_scenes} training / {config.data.val_scenes} validation")
     model = (f"{config.model.embed_dim}-wide, {config.model.encoder_layers} EdgeConv + "
-             f"{config.model.decoder_layers} decoder layers")
-    seeds = ", ".join(map(str, budget.seeds))
-    flip_seeds = ", ".join(map(str, budget.flip_seeds))
-    if len(budget.flip_seeds) < len(budget.seeds):
-        flip_seeds += " (fewer than the main variants, to fit the budget)"
-    target = TARGET_AP50
-    return f"""
-Mode `{mode}` ({budget.estimate}); this run took {total_s / 60:.1f} min in all.
+             f"{config.model.decoder_layers} decoder layers, {config.model.num_queries} queries")
+    sets = (" Both with " + " ".join(f"`--set {s}`" for s in budget.sets) + "."
+            if budget.sets else "")
+    picked = ", ".join(f"`{k}` = {v:.3g}" if isinstance(v, float) else f"`{k}` = {v}"
+                       for k, v in sweeps["influencer"].best.get("searched", {}).items())
+    missing = [f"{v}: {len(runs)}/{len(budget.seeds if v in LOSSES else budget.ablation_seeds)}"
+               for v, runs in groups.items()
+               if len(runs) < len(budget.seeds if v in LOSSES else budget.ablation_seeds)]
+    state = work.read_state()
+    rungs = asha_rungs(budget)
+    recipe = " \\\n  ".join(_pairs(recipe_args(local=False)))
+    sep = {"--launch-arg": "="}
+    local = [f"`{flag}{sep.get(flag, ' ')}{cluster}` -> "
+             + (f"`{flag}{sep.get(flag, ' ')}{smoke}`" if smoke else "dropped (no cluster)")
+             for flag, cluster, smoke in RECIPE if smoke != cluster]
+    gpu = GPU_RUN_RECORD or ("none recorded yet: no GPU was available where this study was "
+                             "built; run the recipe on one and record the outcome in "
+                             "`GPU_RUN_RECORD` (benchmarks/study.py)")
+    body = f"""
+Mode `{mode}`; work folder started {state.get('started', '?')}, this report written after
+{_duration(sum(state.get('sweep_wall_s', {}).values()))} of sweeps plus the retrains' own
+time (each run's seconds are in the tables).
+{"**Incomplete:** retrains still missing (finished/planned): " + ", ".join(missing) + "."
+ if missing else ""}
 
-{won}
+{result['headline']}
+
+{result['where']}
+
+**Convergence speed** (epochs and seconds of training + validation to reach AP50 0.5 and 0.7;
+mean ± std over the seeds that reached it): {sr.convergence_sentence(main, labels)}
 
 ### Protocol
 
-- **Sweeps**: `python -m ifsearch.launch` on `search_spaces/influencer_default.yaml` and
-  `search_spaces/hungarian_baseline.yaml`, unchanged except for the budget: {n_trials} trials x
-  <= {budget.max_epochs} epochs each, the spaces' TPE searcher (searcher seed
-  {search_seed}) and ASHA scheduler; the objective is val AP50 at a trial's last epoch. Both
-  share the data ({data}) and the model ({model}){sets}; the Influencer space also searches
-  `model.num_queries` (8..24; the Hungarian space fixes 12).
-- **Retrains**: each sweep's `best_config.yaml`, trained again by `ifsearch.train.train_loop`
-  for {budget.epochs} epochs (sweep trials ran at most {budget.max_epochs}) with seeds
-  {seeds} (model init and data order; the scenes are the same), one run at a time on the
-  whole machine, variants interleaved seed by seed, after one discarded warm-up epoch. The
-  Influencer best config is also retrained with `loss.mask_prob` flipped, seeds
-  {flip_seeds}.
-- **Metrics**: validation AP / AP50 / AP25 (ScanNet protocol) and duplicate rate (instances
-  matched by more than one prediction at IoU > 0.5) at the last epoch. *Time to AP50 ≥ {target}*:
-  cumulative `epoch_seconds` (training + validation) up to the first epoch with AP50 ≥ {target};
-  mean ± std over the seeds that reached it. Seconds depend on the machine and its load; epochs
-  do not.
+- **Spaces**: `search_spaces/study_influencer.yaml` and `search_spaces/study_hungarian.yaml`
+  (table below, generated from the two files). Same data ({data}), model ({model}), optimiser
+  range, class-head ranges (`loss.class_weight`, `loss.no_object_weight`),
+  `loss.deep_supervision` and budget; each side searches its own loss terms.{sets}
+- **Sweeps**: `python -m ifsearch.launch`, {budget.num_samples} trials x <= {budget.max_epochs}
+  epochs each, TPE (searcher seed {args.search_seed}) + ASHA (grace period
+  {budget.grace_period}, reduction factor {budget.reduction_factor}: rungs at epochs
+  {", ".join(map(str, rungs)) or "none"}, judged on `{budget.rung_metric}`); the objective is
+  val AP50 at a trial's last epoch.
+- **Retrains**: each sweep's `best_config.yaml` trained again with `python -m ifsearch.train`
+  for {budget.epochs} epochs, seeds {", ".join(map(str, budget.seeds))} (model init and data
+  order; the scenes are the same), {args.jobs} run(s) at a time, variants interleaved seed by
+  seed. The Influencer sweep picked {picked or "–"}.
+- **Ablations**: the Influencer best config with one factor flipped at a time
+  ({", ".join(f"`{k}`" for k in budget.ablations)}; an extra term "on" means weight
+  {ON_WEIGHT:g}), seeds {", ".join(map(str, budget.ablation_seeds))}, {budget.epochs} epochs.
+- **Statistics**: final-epoch values, mean ± std over seeds; the difference of two variants'
+  means with a 95 % interval from Welch's t (`scipy.stats.ttest_ind(equal_var=False)`, unequal
+  variances, unpaired seeds). A side is called ahead or behind only when the interval excludes
+  0, otherwise level. A seed that never reached an AP50 target counts as one epoch past its end
+  (a lower bound), so a comparison of convergence can only understate its delay.
+- **Metrics**: val AP / AP50 / AP25 (ScanNet protocol), class-aware and class-agnostic; the
+  duplicate rate (instances matched by more than one prediction at IoU > 0.5), unclaimed rate
+  and active queries as this build's evaluator defines them. Seconds depend on the machine and
+  its load, epochs do not.
 
-### Sweeps (equal budgets)
+### Searched parameters
+
+{sr.spaces_table(spaces, pending)}
+
+### Sweeps
 
 {sweeps_table(sweeps, budget)}
 
 ### Retrained best configs
 
-{variants_table(labels, groups)}
+{sr.variants_table(main, labels)}
 
-![AP50 and duplicate rate vs wall-clock time, per seed]({image_link})
+![AP50 vs epoch and vs seconds, one line per seed]({link['main']})
 
-Per seed (last epoch):
+{sr.verdict_table(result['rows'])}
 
-{seeds_table(labels, groups)}
+### Ablations of the Influencer best config
 
-### Sigmoid vs softmax
+{sr.ablation_table(main['influencer'], flipped, labels)}
 
-{mask_prob_sentence(labels, groups, picked)}
+![Ablations: AP50 vs epoch and vs seconds, one line per seed]({link['ablations']})
 
-Within the sweep (each trial at its last epoch; trials differ in all other parameters too):
+### Is early stopping trustworthy here?
 
-{mask_prob_in_sweep(inf_sweep)}
+For each population, at each ASHA rung: Spearman's rank correlation between the rung value and
+the final AP50 over the runs that went to the end, and how many of the final top 5 ASHA's cutoff
+would have stopped (`ifsearch.sweep_report.rung_trust`: the cutoff is the
+`(1 - 1/{budget.reduction_factor})` percentile of the rung values of every run that reached the
+rung; Ray applies the same rule asynchronously). A rung is untrustworthy when its Spearman is
+below 0.5 or it would stop a final top-5 run. The sweeps' complete trials are the ones ASHA let
+through (a narrowed range); the retrains are unpruned, so they measure the rung's bias without
+that selection.
+
+{sr.rung_table(analyses)}
+
+{slow_starter}
 
 ### Hyperparameter importances found by the sweeps
 
-Optuna importances of val AP50 over each sweep's trials, rebuilt from the Tune results with
-`ifsearch.sweep_report.study_from_results` (the study the sweep plots to MLflow); normalised to
-sum to 1 per loss and evaluator. With {n_trials} trials per sweep, early-stopped trials
-counted at their truncated AP50, they are rough: read them as "what this sweep leaned on", not
-as a property of the loss. The two evaluators disagreeing is itself the measure of that
-roughness.
+Optuna importances of the last-epoch AP50 over each sweep's trials (rebuilt with
+`ifsearch.sweep_report.study_from_results`; trials ASHA stopped count at their truncated AP50,
+so read them as "what this sweep leaned on"). The two evaluators disagreeing is the measure of
+their roughness.
 
 {importance_table(sweeps)}
 
-### Where the Influencer Loss loses
+<details><summary>Per seed (last epoch)</summary>
 
-{where}
+{sr.seeds_table(groups, labels)}
 
-Caveats: the scenes are small and the budgets tiny (a laptop study), so absolute AP is low, and
-a config picked after at most {budget.max_epochs} epochs is not necessarily the best one at
-{budget.epochs}; with {len(budget.seeds)} seed(s) per variant the stds are themselves
-uncertain. The duplicate rate is
-the loss's known weak spot (its soft maximum over queries rewards several queries claiming one
-instance); `eval.dedup_iou` (mask NMS at inference) is off in both spaces.
+</details>
 
 ### Running it
 
 ```bash
-python benchmarks/study.py                # full: {BUDGETS['full'].estimate}
-python benchmarks/study.py --quick        # {BUDGETS['quick'].estimate}
-python benchmarks/study.py --smoke-test   # {BUDGETS['smoke'].estimate}; temp files, not docs/
+python benchmarks/study.py --status       # what is done and the time left; runs nothing
+mkdir -p runs/study && nohup python benchmarks/study.py >> runs/study/study.log 2>&1 &
+python benchmarks/study.py --report-only  # rebuild this section from runs/study
+python benchmarks/study.py --quick        # every stage at a small budget
+python benchmarks/study.py --smoke-test   # tiny; temp files, never docs/
 ```
 
-At full size on a GPU cluster: start Ray on the nodes (`ray start --head` on one node,
-`ray start --address HEAD:6379` on the others), give the sweeps a storage path every node sees
-and a shared MLflow server, put GPU and larger data/model settings in `--set` (passed to the
-sweeps and the retrains) and launcher flags in `--launch-arg`, and run the script on a node with
-a GPU (the retrains run where the script runs):
+Started again, it continues where it stopped: finished sweeps and retrain seeds are skipped, an
+interrupted sweep is resumed (`ifsearch.launch --resume --name`), an interrupted retrain
+continues from its checkpoint. `study.lock` keeps two copies out of one work folder.
+
+### At full size on a GPU cluster
+
+Start Ray on the nodes (`ray start --head`, then `ray start --address HEAD:6379` on the others),
+give every node the same storage path and the MLflow server, and run on a GPU node (the retrains
+run where the script runs):
 
 ```bash
-python benchmarks/study.py --num-samples 64 --max-epochs 50 --epochs 100 --seeds 0,1,2,3,4 \\
-  --storage /shared/ifsearch/study --mlflow-uri http://mlflow.internal:5000 \\
-  --launch-arg=--address=auto --launch-arg=--gpus-per-worker=1 \\
-  --launch-arg=--workers-per-trial=1 --launch-arg=--cpus-per-worker=4 \\
-  --set train.device=auto --set data.num_points=4096 --set data.train_scenes=2000 \\
-  --set data.val_scenes=200 --set model.embed_dim=128 --set model.ffn_dim=512
+python benchmarks/study.py \\
+  {recipe}
 ```
 
-The launcher bounds concurrent trials by the cluster's GPUs (`--max-concurrent` caps it) and
-refuses a trial that no node can hold.
+Checked: `tests/test_benchmark_study.py` runs this command line end to end at smoke size on a
+2-core CPU machine with `--smoke-test` added and these values replaced (`{{tmp}}` is the test's
+temporary folder):
+{"; ".join(local)}. On a GPU: {gpu}.
 """
+    return body, result
 
 
-# ---------------------------------------------------------------------------------------- CLI
+def _pairs(args: list[str]) -> list[str]:
+    """``["--a", "1", "--b=2"]`` -> ``["--a 1", "--b=2"]`` (one flag per recipe line)."""
+    out = []
+    for arg in args:
+        if out and not arg.startswith("--") and " " not in out[-1] and "=" not in out[-1]:
+            out[-1] += f" {arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+# -------------------------------------------------------------------------------------- CLI
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python benchmarks/study.py",
-        description="Influencer Loss vs Hungarian: equal-budget sweeps, seeded retrains of the "
-                    "best configs, sigmoid vs softmax, importances; writes the 'study' section "
-                    "of docs/benchmarks.md and docs/img/" + PLOT_NAME,
+        description="Influencer Loss vs Hungarian: fair sweeps, seeded retrains, ablations, an "
+                    "honest verdict; resumable. Writes the 'study' section of "
+                    "docs/benchmarks.md and its plots.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true",
-                      help=f"small budgets: {BUDGETS['quick'].estimate}")
+    mode.add_argument("--quick", action="store_true", help="every stage at a small budget")
     mode.add_argument("--smoke-test", action="store_true",
-                      help="tiny sweeps/retrains on tiny scenes; writes to a temp folder unless "
-                           "--out/--images are given, never to docs/")
+                      help="tiny sweeps/retrains on tiny scenes; a temp folder unless --work/"
+                           "--out/--images are given, never docs/")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--status", action="store_true",
+                      help="print what is done and the time left, run nothing")
+    what.add_argument("--report-only", action="store_true",
+                      help="run nothing: rebuild the section from the work folder")
+    what.add_argument("--stop-after", choices=("sweeps",), default=None,
+                      help="stop once this stage is done (rerun to continue)")
     p.add_argument("--out", type=Path, default=None,
                    help=f"markdown file of the section (default {DOCS.relative_to(REPO)})")
     p.add_argument("--images", type=Path, default=None,
-                   help=f"folder for {PLOT_NAME} (default {IMAGES.relative_to(REPO)})")
+                   help=f"folder for the plots (default {IMAGES.relative_to(REPO)})")
     p.add_argument("--work", type=Path, default=None,
-                   help="scratch folder: sweeps, logs, MLflow store, retrains "
+                   help="the study's folder: sweeps, logs, MLflow store, retrains, state "
                         "(default runs/study; a temp folder with --smoke-test)")
     p.add_argument("--num-samples", type=int, default=None, help="trials per sweep")
     p.add_argument("--max-epochs", type=int, default=None, help="epochs per sweep trial")
+    p.add_argument("--grace-period", type=int, default=None, help="ASHA's first rung (epochs)")
+    p.add_argument("--reduction-factor", type=int, default=None, help="ASHA's reduction factor")
+    p.add_argument("--rung-metric", default=None, help="the metric ASHA judges rungs on")
     p.add_argument("--epochs", type=int, default=None, help="epochs per retrain")
-    p.add_argument("--seeds", default=None,
-                   help="retrain seeds, comma-separated (the flipped variant gets the same)")
+    p.add_argument("--seeds", default=None, help="retrain seeds, comma-separated")
+    p.add_argument("--ablation-seeds", default=None, help="seeds of each flip, comma-separated")
+    p.add_argument("--ablations", default=None,
+                   help="comma-separated keys of ABLATIONS to flip (default: the mode's)")
     p.add_argument("--search-seed", type=int, default=0, help="searcher seed of both sweeps")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="retrains at once; each uses the config's train.num_threads (2 in the "
+                        "study spaces), so with --jobs 2 on 2 cores add "
+                        "--set train.num_threads=1")
     p.add_argument("--storage", default=None,
                    help="Tune storage of the sweeps (default <work>/sweeps; on a cluster a "
                         "path every node sees)")
     p.add_argument("--mlflow-uri", default=None,
-                   help="tracking URI for the sweeps (default sqlite:///<work>/mlflow.db: no "
-                        "server process)")
+                   help="tracking URI of the sweeps (default sqlite:///<work>/mlflow.db)")
     p.add_argument("--experiment", default="study", help="MLflow experiment name")
-    p.add_argument("--stall-timeout", type=float, default=300.0,
-                   help="interrupt a sweep when no trial has reported an epoch for this many "
-                        "seconds (0 = never) and go on with the trials it finished")
+    p.add_argument("--stall-timeout", type=float, default=600.0,
+                   help="resume a sweep when no trial has reported an epoch for this many "
+                        "seconds (0 = never)")
+    p.add_argument("--progress-every", type=float, default=300.0,
+                   help="seconds between progress lines")
     p.add_argument("--set", dest="sets", action="append", default=[],
                    metavar="SECTION.KEY=VALUE",
                    help="config override for both sweeps and every retrain (repeatable)")
@@ -710,75 +1240,97 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _seeds(text: str | None) -> tuple[int, ...] | None:
+    return tuple(int(s) for s in text.split(",")) if text else None
+
+
+def resolve_budget(args: argparse.Namespace) -> tuple[str, Budget]:
     mode = "smoke" if args.smoke_test else "quick" if args.quick else "full"
     budget = BUDGETS[mode]
-    budget = replace(
-        budget,
-        num_samples=args.num_samples or budget.num_samples,
-        max_epochs=args.max_epochs or budget.max_epochs,
-        epochs=args.epochs or budget.epochs,
-        sets=(*budget.sets, *args.sets),
-    )
-    if args.seeds:
-        seeds = tuple(int(s) for s in args.seeds.split(","))
-        budget = replace(budget, seeds=seeds, flip_seeds=seeds)
+    ablations = tuple(args.ablations.split(",")) if args.ablations else budget.ablations
+    unknown = [k for k in ablations if k not in ABLATIONS]
+    if unknown:
+        raise StudyError(f"--ablations {unknown}: not a flip of ABLATIONS; choose from "
+                         f"{list(ABLATIONS)}")
+    changes = {k: v for k, v in {
+        "num_samples": args.num_samples, "max_epochs": args.max_epochs,
+        "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
+        "rung_metric": args.rung_metric, "epochs": args.epochs, "seeds": _seeds(args.seeds),
+        "ablation_seeds": _seeds(args.ablation_seeds)}.items() if v is not None}
+    # One --set per key, the later winning (a recipe's sizes replace the smoke mode's).
+    sets = {item.partition("=")[0].strip(): item for item in (*budget.sets, *args.sets)}
+    budget = replace(budget, ablations=ablations, sets=tuple(sets.values()), **changes)
+    if budget.grace_period > budget.max_epochs:
+        raise StudyError(f"--grace-period {budget.grace_period} must be <= --max-epochs "
+                         f"{budget.max_epochs}")
+    if args.jobs < 1:
+        raise StudyError(f"--jobs {args.jobs} must be >= 1")
+    return mode, budget
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        mode, budget = resolve_budget(args)
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     temp = Path(tempfile.mkdtemp(prefix="ifsearch-study-")) if mode == "smoke" else None
-    work = (args.work or (temp / "work" if temp else REPO / "runs" / "study")).resolve()
-    out = args.out or (temp / "benchmarks.md" if temp else DOCS)
-    images = args.images or (temp / "img" if temp else IMAGES)
-    work.mkdir(parents=True, exist_ok=True)
-    args.mlflow_uri = args.mlflow_uri or f"sqlite:///{work / 'mlflow.db'}"
+    root = (args.work or (temp / "work" if temp else REPO / "runs" / "study")).resolve()
+    out = (args.out or (temp / "benchmarks.md" if temp else DOCS)).resolve()
+    images = (args.images or (temp / "img" if temp else IMAGES)).resolve()
+    work = Work(root, args.storage or str(root / "sweeps"))
+    if args.status:
+        print_status(work, budget, args.jobs)
+        return 0
+    args.mlflow_uri = args.mlflow_uri or f"sqlite:///{root / 'mlflow.db'}"
     log = Clock()
-    log(f"study ({mode}, {budget.estimate}): work {work}, section -> {out}, plot -> {images}")
-    others = other_ray_instances()
-    if others:
-        log(f"warning: {len(others)} other local Ray instance(s) running on this machine "
-            f"(gcs_server pids {others}): they share the CPUs, so timings will be disturbed")
+    # SIGTERM (kill, a batch scheduler) stops like Ctrl-C: sweeps save, retrains keep their
+    # checkpoints.
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        with study_lock(work):
+            return _run(work, budget, mode, args, out, images, log)
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        log(f"interrupted: the finished work is kept in {root}; run the same command again to "
+            "continue where it stopped")
+        return 130
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    sweeps = {loss: run_sweep(loss, budget, args, work, log, stamp) for loss in SPACES}
 
-    from ifsearch.config import load_config
+def _run(work: Work, budget: Budget, mode: str, args: argparse.Namespace, out: Path,
+         images: Path, log: Clock) -> int:
+    state = work.read_state()
+    for loss, pid in state.get("launcher", {}).items():
+        if _alive_launcher(pid):
+            raise StudyError(f"the launcher of sweep {loss} from an earlier run (pid {pid}) is "
+                             f"still running; stop it with `kill -INT -{pid}` (its Tune state "
+                             "is saved) and start the study again")
+    pending = prepare_spaces(work, budget, log)
+    check_fingerprint(work, fingerprint(budget, work, args.search_seed))
+    log(f"study ({mode}) in {work.root}; section -> {out}, plots -> {images}")
 
-    picked = load_config(sweeps["influencer"].best_config).loss.mask_prob
-    other = "sigmoid" if picked == "softmax" else "softmax"
-    labels = {
-        "influencer": f"Influencer ({picked}, sweep's best)",
-        "influencer_flip": f"Influencer ({other}, otherwise the sweep's best)",
-        "hungarian": "Hungarian (sweep's best)",
-    }
-    plan = [("influencer", sweeps["influencer"].best_config, [], budget.seeds),
-            ("hungarian", sweeps["hungarian"].best_config, [], budget.seeds),
-            ("influencer_flip", sweeps["influencer"].best_config,
-             [f"loss.mask_prob={other}"], budget.flip_seeds)]
-    # One discarded epoch first, so the first measured run does not pay one-time costs (thread
-    # pools, first-call allocations); then variants interleaved seed by seed, so a change in the
-    # machine's load during the study does not fall on one variant only.
-    log(f"retrains: {budget.epochs} epochs each, seeds {list(budget.seeds)} "
-        f"(flipped mask_prob: {list(budget.flip_seeds)}); one warm-up epoch first")
-    retrain("warmup", sweeps["hungarian"].best_config, 0, [], replace(budget, epochs=1), work,
-            lambda text: None)
-    groups: dict[str, list[Run]] = {variant: [] for variant, *_ in plan}
-    for seed in sorted({s for *_, seeds in plan for s in seeds}):
-        for variant, config_path, extra, seeds in plan:
-            if seed in seeds:
-                groups[variant].append(retrain(variant, config_path, seed, extra, budget, work,
-                                               log))
-    (work / "retrains.json").write_text(json.dumps(
-        {v: [{"seed": r.seed, "wall_s": r.wall_s, "history": r.history} for r in runs]
-         for v, runs in groups.items()}, indent=1))
+    def eta() -> str:
+        return "~" + _duration(progress(work, budget, args.jobs)["seconds_left"])
 
-    image = plot(labels, {k: groups[k] for k in ("influencer", "influencer_flip", "hungarian")},
-                 Path(images) / PLOT_NAME)
-    link = os.path.relpath(image.resolve(), Path(out).resolve().parent)
-    body = render(labels, groups, sweeps, budget, mode, link, log.elapsed(),
-                  args.search_seed)
+    if not args.report_only:
+        log(f"time left before starting: {eta()}")
+        for loss in LOSSES:
+            run_sweep(loss, work, budget, args, log, eta)
+        if args.stop_after == "sweeps":
+            log("stopping after the sweeps (--stop-after sweeps); run again to continue")
+            return 0
+        tasks, _ = plan_retrains(work, budget)
+        run_retrains(tasks, work, budget, args, log, eta)
+    for loss in LOSSES:
+        if sweep_action(work, loss) != "done":
+            raise StudyError(f"--report-only: sweep {loss} is not finished in {work.root}")
+    body, result = render(work, budget, mode, args, images, out, pending)
     write_section(SECTION, TITLE, body, path=out)
-    won, _ = verdict(labels, groups)
-    log(f"wrote section '{SECTION}' to {out} and {image}")
-    print(won.replace("**", ""), flush=True)
+    log(f"wrote section '{SECTION}' to {out} and plots to {images}")
+    print(result["headline"].replace("**", ""), flush=True)
     return 0
 
 

@@ -1,15 +1,20 @@
-"""End-of-sweep artifacts: a CSV of all trials and plots (AP vs epoch, Optuna importances)."""
+"""End-of-sweep artifacts: a CSV of all trials, plots (AP vs epoch, Optuna importances), and
+whether the scheduler's early stopping could be trusted (rung values vs final values)."""
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import optuna  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from ifsearch.search_space import ParamSpec  # noqa: E402
 
@@ -89,3 +94,198 @@ def _distribution(p: ParamSpec) -> optuna.distributions.BaseDistribution:
         return optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.is_log,
                                                     step=p.step or 1)
     return optuna.distributions.FloatDistribution(p.low, p.high, log=p.is_log, step=p.step)
+
+
+# --------------------------------------------------------------------------------------------
+# Is early stopping trustworthy? (rung values vs final values)
+
+Histories = dict[str, dict[int, dict[str, float]]]  # trial id -> {epoch: {metric: value}}
+
+
+def histories_from_results(results, metrics: Sequence[str]) -> Histories:
+    """Per-trial metric histories from Tune's results (each result's ``metrics_dataframe``).
+
+    A trial that was restored may report an epoch twice; the later report wins, as it is the one
+    the resumed run continued from. Trials without an ``epoch`` column are left out.
+    """
+    histories: Histories = {}
+    for index, result in enumerate(results):
+        frame = result.metrics_dataframe
+        if frame is None or "epoch" not in frame:
+            continue
+        trial_id = str((result.metrics or {}).get("trial_id", index))
+        history: dict[int, dict[str, float]] = {}
+        for row in frame.to_dict("records"):
+            values = {m: float(row[m]) for m in metrics if m in row and row[m] is not None}
+            if not math.isnan(float(row["epoch"])):
+                history[int(row["epoch"])] = values
+        histories[trial_id] = history
+    return histories
+
+
+def asha_rungs(grace_period: int, max_epochs: int, reduction_factor: float) -> list[int]:
+    """The epochs at which Ray's ASHA judges a trial (one bracket), ascending.
+
+    Ray's ``_Bracket`` places ``int(log(max_t / grace) / log(rf) + 1)`` rungs at
+    ``grace * rf**k``; a rung at ``max_epochs`` itself stops nothing, so it is left out.
+    """
+    count = int(np.log(max_epochs / grace_period) / np.log(reduction_factor) + 1)
+    rungs = [int(grace_period * reduction_factor ** k) for k in range(count)]
+    return [r for r in rungs if r < max_epochs]
+
+
+def _value_at(history: dict[int, dict[str, float]], epoch: int, metric: str) -> float | None:
+    """The first reported value at or after ``epoch``: the result ASHA judges at that rung."""
+    for e in sorted(history):
+        if e >= epoch:
+            value = history[e].get(metric)
+            return None if value is None or math.isnan(value) else value
+    return None
+
+
+def rung_agreement(histories: Histories, rungs: Sequence[int], *, reduction_factor: float,
+                   rung_metric: str, final_metric: str, mode: str = "max",
+                   rung_mode: str | None = None, final_epoch: int | None = None,
+                   top_k: int = 5) -> list[dict]:
+    """For each rung: does the rung's ranking agree with the final one? One dict per rung.
+
+    Over the trials that ran to the end (a ``final_metric`` value at ``final_epoch``, by
+    default the last epoch any trial reported):
+
+    * ``spearman`` (and ``p_value``): Spearman's rank correlation (``scipy.stats.spearmanr``)
+      between each trial's ``rung_metric`` at the rung and its ``final_metric`` at the end, with
+      the sign turned so that +1 always means "the rung ranks them as the end does" (also when
+      one metric is minimised and the other maximised). NaN when either side is constant.
+    * ``top_stopped``: how many of the final top-``top_k`` trials the rung's cutoff would have
+      stopped. The cutoff is ASHA's rule (Ray's ``_Bracket.cutoff``): the
+      ``(1 - 1/reduction_factor)`` percentile (numpy's linear interpolation) of the rung values,
+      and a trial is stopped when its value is strictly worse than it, so ASHA keeps about the
+      top ``1/reduction_factor``. Ray applies it asynchronously, to the trials that reached the
+      rung before; here it is applied to every trial that reached the rung (``reached``), the
+      order-free version of the same rule.
+
+    In a sweep that ASHA pruned, the trials that ran to the end are the ones that survived:
+    their correlation is measured on a narrowed range. Histories of unpruned runs (a FIFO
+    sweep, seeded retrains) answer the question without that bias.
+
+    Args:
+        histories: trial id -> {epoch: {metric: value}}.
+        rungs: the epochs at which trials are judged (``asha_rungs``).
+        reduction_factor: ASHA's reduction factor (>= 2 in practice).
+        rung_metric: what the scheduler judges at a rung.
+        final_metric: what the search optimises (the value at ``final_epoch``).
+        mode: "max" or "min", of ``final_metric``.
+        rung_mode: "max" or "min", of ``rung_metric`` (default: ``mode``).
+        final_epoch: the last epoch of a complete trial.
+        top_k: the size of the final top group.
+    """
+    rung_mode = rung_mode or mode
+    if final_epoch is None:
+        final_epoch = max((max(h) for h in histories.values() if h), default=0)
+    final = {t: h[final_epoch][final_metric] for t, h in histories.items()
+             if final_metric in h.get(final_epoch, {})
+             and not math.isnan(h[final_epoch][final_metric])}
+    sign_final = 1.0 if mode == "max" else -1.0
+    sign_rung = 1.0 if rung_mode == "max" else -1.0
+    ranked = sorted(final, key=lambda t: (-sign_final * final[t], t))
+    top = set(ranked[:top_k])
+    rows = []
+    for rung in rungs:
+        reached = {t: v for t, h in histories.items()
+                   if (v := _value_at(h, rung, rung_metric)) is not None}
+        # Ray multiplies by -1 in min mode and stops what is below the cutoff: do the same.
+        signed = {t: sign_rung * v for t, v in reached.items()}
+        cutoff = (float(np.nanpercentile(list(signed.values()),
+                                         (1 - 1 / reduction_factor) * 100))
+                  if signed else math.nan)
+        stopped = {t for t, v in signed.items() if v < cutoff}
+        both = [t for t in ranked if t in reached]
+        rho, p_value = math.nan, math.nan
+        if len(both) >= 3:
+            xs = [signed[t] for t in both]
+            ys = [sign_final * final[t] for t in both]
+            if len(set(xs)) > 1 and len(set(ys)) > 1:
+                result = stats.spearmanr(xs, ys)
+                rho, p_value = float(result.statistic), float(result.pvalue)
+        rows.append({
+            "epoch": rung, "reached": len(reached), "complete": len(both),
+            "cutoff": sign_rung * cutoff if signed else math.nan,
+            "spearman": rho, "p_value": p_value,
+            "stopped_complete": len(stopped & set(both)),
+            "top": len(top & set(both)), "top_stopped": len(stopped & top),
+            "top_stopped_ids": sorted(stopped & top),
+        })
+    return rows
+
+
+def rung_trust(histories: Histories, rungs: Sequence[int], *, reduction_factor: float,
+               rung_metric: str, final_metric: str, mode: str = "max",
+               rung_mode: str | None = None, final_epoch: int | None = None, top_k: int = 5,
+               min_spearman: float = 0.5, min_complete: int = 6) -> dict:
+    """A verdict on a sweep's early stopping, for its end-of-sweep report.
+
+    ``trustworthy`` is False when some rung ranks the complete trials unlike the end
+    (Spearman below ``min_spearman``: less than a moderate agreement) or would have stopped one
+    of the final top-``top_k``; True when no rung does either; None when fewer than
+    ``min_complete`` trials ran to the end (too few to tell). A rung whose values are all equal
+    (NaN correlation) stops nothing and counts neither way. ``summary`` says it in one line;
+    ``rungs`` holds ``rung_agreement``'s rows.
+    """
+    rows = rung_agreement(histories, rungs, reduction_factor=reduction_factor,
+                          rung_metric=rung_metric, final_metric=final_metric, mode=mode,
+                          rung_mode=rung_mode, final_epoch=final_epoch, top_k=top_k)
+    complete = max((r["complete"] for r in rows), default=0)
+    verdict = {"trustworthy": None, "rungs": rows, "complete": complete, "top_k": top_k,
+               "rung_metric": rung_metric, "final_metric": final_metric,
+               "min_spearman": min_spearman}
+    if not rows:
+        verdict["summary"] = "no rung before the last epoch: nothing was judged early"
+        return verdict
+    if complete < min_complete:
+        verdict["summary"] = (f"too few trials ran to the end ({complete} < {min_complete}) to "
+                              f"judge the rungs")
+        return verdict
+    bad = []
+    for r in rows:
+        why = []
+        if not math.isnan(r["spearman"]) and r["spearman"] < min_spearman:
+            why.append(f"Spearman {r['spearman']:.2f} with the final {final_metric}")
+        if r["top_stopped"]:
+            why.append(f"{r['top_stopped']} of the final top {r['top']} would have been stopped")
+        if why:
+            bad.append(f"epoch {r['epoch']} ({'; '.join(why)})")
+    verdict["trustworthy"] = not bad
+    verdict["summary"] = (
+        f"this sweep pruned with an untrustworthy rung ({rung_metric}): " + ", ".join(bad)
+        if bad else
+        f"the rungs ({rung_metric} at epochs {', '.join(str(r['epoch']) for r in rows)}) rank "
+        f"the {complete} complete trials like the final {final_metric} (Spearman >= "
+        f"{min_spearman}) and stop none of its top {top_k}")
+    return verdict
+
+
+def sweep_rung_trust(results, plan, **options) -> dict | None:
+    """``rung_trust`` of a finished sweep, from its Tune results and its plan; None without ASHA.
+
+    The rung metric is the scheduler's own (``scheduler.metric`` of the space, when the
+    launcher has one) else the objective; rungs, reduction factor and final epoch come from the
+    plan. For the end-of-sweep summary: print ``summary`` when ``trustworthy`` is False.
+
+    Args:
+        results: Tune's ``ResultGrid`` (or any iterable of results with ``metrics`` and
+            ``metrics_dataframe``).
+        plan: the ``SweepPlan`` (``scheduler``, ``grace_period``, ``max_epochs``, ``metric``,
+            ``mode``, ``space.scheduler``).
+        options: passed to ``rung_trust`` (``top_k``, ``min_spearman``, ``min_complete``).
+    """
+    if plan.scheduler != "asha":
+        return None
+    scheduler = plan.space.scheduler
+    rung_metric = scheduler.get("metric", plan.metric)
+    rung_mode = scheduler.get("mode", plan.mode)
+    rf = scheduler.get("reduction_factor", 2)
+    histories = histories_from_results(results, sorted({plan.metric, rung_metric}))
+    return rung_trust(histories, asha_rungs(plan.grace_period, plan.max_epochs, rf),
+                      reduction_factor=rf, rung_metric=rung_metric, final_metric=plan.metric,
+                      mode=plan.mode, rung_mode=rung_mode, final_epoch=plan.max_epochs,
+                      **options)
