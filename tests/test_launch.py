@@ -290,7 +290,7 @@ def test_every_searcher_and_scheduler_builds(tmp_path, searcher, scheduler):
                                       "--scheduler", scheduler, "--max-epochs", "3"])
     plan = plan_sweep(args)
     assert plan.max_epochs == 3 and plan.grace_period == 1
-    search_alg = build_searcher(plan)
+    search_alg = build_searcher(plan, f"sqlite:///{tmp_path / 'optuna.db'}")
     if searcher == "nsga2":  # multi-objective: quality vs cost
         assert search_alg._metric == ["val_loss", "epoch_seconds"]
     assert type(build_scheduler(plan)).__name__ == {
