@@ -14,7 +14,9 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
+from ray import tune
 from ray.tune.schedulers import TrialScheduler
+from test_launch import TINY_SPACE, launch, mlflow_server, mlflow_store, sweep_runs  # noqa: F401
 
 from ifsearch.errors import ConfigError, IfsearchError
 from ifsearch.launch import build_parser, plan_sweep
@@ -297,3 +299,103 @@ def test_help_documents_the_rung_metric_and_the_study():
     text = " ".join(build_parser().format_help().split())
     assert "--rung-metric METRIC[:min|max]" in text and "val_loss:min" in text
     assert "--optuna-storage URL" in text and "optuna-dashboard" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Real sweeps: the study against Tune's own record of every trial
+
+
+def tune_expectations(sweep_dir, metric, max_epochs):
+    """{Tune trial id: (state, values, intermediate values)} from Tune's experiment files.
+
+    The rule is Optuna's semantics applied to what Tune recorded: an errored or diverged trial
+    FAILs; one that reported ``max_epochs`` epochs is COMPLETE with its last value; one stopped
+    earlier is PRUNED and keeps its last epoch's value. Every reported epoch is an intermediate
+    value (its first report, if a restore reported it twice).
+    """
+    analysis = tune.ExperimentAnalysis(str(sweep_dir))
+    expected = {}
+    for trial in analysis.trials:
+        frame = analysis.trial_dataframes.get(trial.trial_id)
+        rows = [] if frame is None else frame.to_dict("records")
+        epochs = {}
+        for row in rows:
+            diverged = row.get("diverged")  # NaN in rows without it
+            if not (diverged == diverged and diverged) and int(row["epoch"]) not in epochs:
+                epochs[int(row["epoch"])] = row[metric]
+        last = trial.last_result or {}
+        if trial.status == "ERROR" or last.get("diverged"):
+            expected[trial.trial_id] = (FAIL, None, epochs)
+        elif max(epochs) == max_epochs:
+            expected[trial.trial_id] = (COMPLETE, [last[metric]], epochs)
+        else:
+            expected[trial.trial_id] = (PRUNED, [epochs[max(epochs)]], epochs)
+    return expected
+
+
+def optuna_record(url, name):
+    return {tid: (t.state, t.values, t.intermediate_values)
+            for tid, t in study_by_tune_id(url, name).items()}
+
+
+def tiny_config(tmp_path, name, **train):
+    config = {k: dict(v) for k, v in TINY_SPACE["base"].items()}
+    config["train"].update(train)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_the_study_records_what_tune_did_and_resume_continues_it(tmp_path, mlflow_server):
+    """A tiny ASHA sweep: the warm start (lr 1e-2) is far better than the sampled trials (lr
+    ~1e-7), so whichever of them reaches the first rung after it is stopped there; resumed with a
+    larger budget and a warm start that diverges, the same study gets the new trials."""
+    anchor = tiny_config(tmp_path, "anchor", lr=1.0e-2, weight_decay=7.0e-5)
+    out = launch(tmp_path, mlflow_server, "--name", "truth", "--warm-start", anchor,
+                 "--num-samples", "3", "--max-epochs", "3")
+    sweep = tmp_path / "sweeps" / "truth"
+    url = f"sqlite:///{sweep / 'optuna.db'}"
+    assert f"Optuna study 'truth' in {url}" in out
+    _, parents, _ = sweep_runs(mlflow_server, tmp_path.name, "truth")
+    assert parents[0].data.tags["ifsearch.optuna_storage"] == url
+
+    expected = tune_expectations(sweep, "val_loss", 3)
+    assert optuna_record(url, "truth") == expected
+    states = [state for state, _, _ in expected.values()]
+    assert COMPLETE in states and PRUNED in states, states
+    before = study_by_tune_id(url, "truth")
+
+    diverging = tiny_config(tmp_path, "diverging", lr=1.0e30, weight_decay=0.0)
+    out = launch(tmp_path, mlflow_server, "--resume", "--name", "truth", "--num-samples", "5",
+                 "--warm-start", diverging, "--max-epochs", "3")
+    assert "resuming sweep truth" in out
+    expected = tune_expectations(sweep, "val_loss", 3)
+    assert len(expected) == 5 and optuna_record(url, "truth") == expected
+    after = study_by_tune_id(url, "truth")
+    assert sorted(t.number for t in after.values()) == list(range(5))  # numbering continues
+    for tid, trial in before.items():  # the first trials kept their Optuna trials
+        assert (after[tid].number, after[tid].state) == (trial.number, trial.state)
+    params = [tuple(sorted(t.params.items())) for t in after.values()]
+    assert len(set(params)) == 5  # no config was suggested twice
+    diverged = [t for t in after.values() if t.number == 3][0]  # the new warm start goes first
+    assert diverged.params["train.lr"] == 1.0e30 and diverged.state == FAIL
+
+
+@pytest.mark.slow
+def test_asha_stops_trials_whose_objective_is_tied_at_zero(tmp_path, mlflow_server):
+    """Objective AP50, which stays 0 on these tiny scenes; the rungs compare val_loss, so the
+    sampled trials (lr ~1e-7) that reach the first rung after the warm start (lr 1e-2) stop."""
+    space = tmp_path / "zero_objective.yaml"
+    space.write_text(yaml.safe_dump({**TINY_SPACE, "objective": {"metric": "AP50",
+                                                                 "mode": "max"}}))
+    anchor = tiny_config(tmp_path, "anchor", lr=1.0e-2, weight_decay=7.0e-5)
+    launch(tmp_path, mlflow_server, "--space", str(space),  # argparse keeps the last --space
+           "--name", "tied", "--warm-start", anchor, "--num-samples", "3", "--max-epochs", "2",
+           "--rung-metric", "val_loss:min")
+    analysis = tune.ExperimentAnalysis(str(tmp_path / "sweeps" / "tied"))
+    frames = [analysis.trial_dataframes[t.trial_id] for t in analysis.trials]
+    assert len(frames) == 3
+    assert all((frame["AP50"] == 0).all() for frame in frames)  # the objective ties everywhere
+    epochs = sorted(int(frame["epoch"].max()) for frame in frames)
+    assert epochs[0] == 1 and epochs[-1] == 2, epochs  # some stopped at the rung, one ran on
