@@ -20,9 +20,11 @@ in a subclass would override nearly every method and depend on its private attri
   several objectives (``Trial.report`` raises), so none are reported; the states are the same,
   PRUNED without values (NSGA-II selects parents from COMPLETE trials only).
 * the study lives in an RDB storage (sqlite in the sweep directory by default), so
-  ``optuna.load_study`` and ``optuna-dashboard`` open it. Only the storage URL, the sampler and
-  the Tune-trial -> Optuna-trial map are pickled with Tune's experiment; ``--resume`` reopens the
-  same study, keeps each resumed trial's Optuna trial, and continues the numbering.
+  ``optuna.load_study`` and ``optuna-dashboard`` open it. Tune's experiment checkpoint holds the
+  storage URL, the sampler, the Tune-trial -> Optuna-trial map and a copy of the study's trials;
+  ``--resume`` reopens the same study, keeps each resumed trial's Optuna trial, and continues the
+  numbering. A database lost with its node (the default sqlite file when ``--storage`` is
+  ``s3://``) is rebuilt from that copy.
 
 ``SweepGenerator`` is Tune's ``SearchGenerator`` with a budget that ``--resume --num-samples`` can
 raise: Tune restores the sample count from its saved state and ignores a new one (Ray treats a
@@ -92,29 +94,25 @@ class OptunaSearcher(Searcher):
         self._last_step: dict[str, int] = {}  # Tune id -> last epoch told as intermediate value
         self._told: set[str] = set()  # Tune ids whose Optuna trial is finished
         self._study: optuna.Study | None = None  # opened lazily, never pickled
-        modes = mode if isinstance(mode, list) else [mode]
-        optuna.logging.set_verbosity(OPTUNA_LOG_LEVEL)
+        self.enqueue_on_restore: list[dict] = []  # points the launcher adds to a resumed sweep
         try:
-            study = optuna.create_study(
-                storage=self._rdb(), study_name=study_name, sampler=sampler,
-                directions=["minimize" if m == "min" else "maximize" for m in modes])
+            self._study = self._create_study()
         except optuna.exceptions.DuplicatedStudyError:
             raise IfsearchError(
                 f"the Optuna study {study_name!r} already exists in {redact_uri(storage)}: a new "
                 f"sweep of that name would mix its trials with the old ones; continue it with "
                 f"--resume --name {study_name}, pick another --name, or delete the study "
                 f"(optuna delete-study --study-name {study_name} --storage URL)") from None
-        with warnings.catch_warnings():  # experimental in Optuna 5; the dashboard shows names
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(metric if isinstance(metric, list) else [metric])
         for point in points_to_evaluate or []:
-            study.enqueue_trial(point)
-        self._study = study
+            self._study.enqueue_trial(point)
 
     # -- the study ------------------------------------------------------------------------------
 
-    def _rdb(self) -> optuna.storages.RDBStorage:
-        """A storage object of our own (the study's is a cache wrapper), for direct writes."""
+    def rdb(self) -> optuna.storages.RDBStorage:
+        """The storage, connected (a database that cannot be opened fails here).
+
+        Our own object rather than the study's (a cache wrapper), for direct writes.
+        """
         if getattr(self, "_storage_obj", None) is None:
             try:
                 self._storage_obj = optuna.storages.RDBStorage(self.storage)
@@ -130,7 +128,7 @@ class OptunaSearcher(Searcher):
         if self._study is None:
             optuna.logging.set_verbosity(OPTUNA_LOG_LEVEL)
             try:
-                self._study = optuna.load_study(study_name=self.study_name, storage=self._rdb(),
+                self._study = optuna.load_study(study_name=self.study_name, storage=self.rdb(),
                                                 sampler=self.sampler)
             except KeyError:
                 raise IfsearchError(
@@ -139,9 +137,30 @@ class OptunaSearcher(Searcher):
                     "--optuna-storage") from None
         return self._study
 
-    def enqueue(self, point: dict) -> None:
-        """Evaluate ``point`` next, unless a trial of the study already has these values."""
-        self.study.enqueue_trial(point, skip_if_exists=True)
+    def _create_study(self) -> optuna.Study:
+        metrics = self._metric if isinstance(self._metric, list) else [self._metric]
+        modes = self._mode if isinstance(self._mode, list) else [self._mode]
+        optuna.logging.set_verbosity(OPTUNA_LOG_LEVEL)
+        study = optuna.create_study(
+            storage=self.rdb(), study_name=self.study_name, sampler=self.sampler,
+            directions=["minimize" if m == "min" else "maximize" for m in modes])
+        with warnings.catch_warnings():  # experimental in Optuna 5; the dashboard shows names
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(metrics)
+        return study
+
+    def _rebuild(self, trials: list[optuna.trial.FrozenTrial]) -> None:
+        """Recreate the study from the checkpoint's copy of its trials, with the same numbers."""
+        study = self._create_study()
+        study_id = self.rdb().get_study_id_from_name(self.study_name)
+        for trial in sorted(trials, key=lambda t: t.number):  # numbers are given in order
+            self.rdb().create_new_trial(study_id, template_trial=trial)
+        self._trials = {
+            tid: (number, self.rdb().get_trial_id_from_study_id_trial_number(study_id, number))
+            for tid, (number, _) in self._trials.items()}
+        self._study = study
+        print(f"the Optuna study {self.study_name!r} was not in {redact_uri(self.storage)}: "
+              f"rebuilt there from the sweep's checkpoint ({len(trials)} trials)", flush=True)
 
     # -- Tune's Searcher interface --------------------------------------------------------------
 
@@ -149,8 +168,8 @@ class OptunaSearcher(Searcher):
         trial = self.study.ask()
         constants = self.space(trial)
         trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
-        storage_id = self._rdb().get_trial_id_from_study_id_trial_number(
-            self._rdb().get_study_id_from_name(self.study_name), trial.number)
+        storage_id = self.rdb().get_trial_id_from_study_id_trial_number(
+            self.rdb().get_study_id_from_name(self.study_name), trial.number)
         self._trials[trial_id] = (trial.number, storage_id)
         return {**trial.params, **(constants or {})}
 
@@ -181,7 +200,7 @@ class OptunaSearcher(Searcher):
         if step is None or value is None or int(step) <= self._last_step.get(trial_id, -1):
             return
         try:
-            self._rdb().set_trial_intermediate_value(self._trials[trial_id][1], int(step),
+            self.rdb().set_trial_intermediate_value(self._trials[trial_id][1], int(step),
                                                      float(value))
         except optuna.exceptions.UpdateFinishedTrialError:
             # The study is ahead of Tune's saved state (the launcher died between the two):
@@ -214,24 +233,35 @@ class OptunaSearcher(Searcher):
         return state
 
     def save(self, checkpoint_path: str) -> None:
+        state = self.__getstate__()
+        state["_trials_copy"] = self.study.get_trials(deepcopy=False)
         with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__getstate__(), f)
+            pickle.dump(state, f)
 
     def restore(self, checkpoint_path: str) -> None:
-        """Take the trial map and sampler from the checkpoint, keep this object's storage URL.
+        """Take the trial map and sampler from the checkpoint; keep this object's settings.
 
-        The launcher may point a restored sweep at a moved database (``--optuna-storage``) before
-        Tune calls this. Trials the study has as RUNNING but the checkpoint does not know were
-        asked after Tune's last save and will never run: they are marked FAIL.
+        Before Tune calls this, the launcher may point a resumed sweep at a moved database
+        (``storage``, from ``--optuna-storage``) and add points to evaluate next
+        (``enqueue_on_restore``, from ``--warm-start``). A study missing from the storage is
+        rebuilt from the checkpoint's copy. Trials the study has as RUNNING but the checkpoint
+        does not know were asked after Tune's last save and will never run: they are marked FAIL.
         """
-        storage = self.storage
+        storage, points = self.storage, self.enqueue_on_restore
         with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
-        self.storage, self._study, self._storage_obj = storage, None, None
+            state = pickle.load(f)
+        trials_copy = state.pop("_trials_copy", [])
+        self.__dict__.update(state)
+        self.storage, self.enqueue_on_restore = storage, []
+        self._study, self._storage_obj = None, None
+        if self.study_name not in optuna.study.get_all_study_names(self.rdb()):
+            self._rebuild(trials_copy)
         known = {number for number, _ in self._trials.values()}
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if trial.number not in known:
                 self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        for point in points:  # evaluated next, unless the study has tried it
+            self.study.enqueue_trial(point, skip_if_exists=True)
 
 
 class SweepGenerator(SearchGenerator):

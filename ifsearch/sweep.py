@@ -257,8 +257,8 @@ def _resume_search(tuner: tune.Tuner, plan: SweepPlan,
     """Point a restored sweep's search at its budget and study; return (trials, study URL).
 
     ``--num-samples`` raises (or keeps) the budget, ``--optuna-storage`` moves the study,
-    ``--warm-start`` is evaluated next unless the study has tried it already. The study is
-    opened here so a missing database fails before Tune starts.
+    ``--warm-start`` is evaluated next unless the study has tried it already. The database is
+    connected here, so an unreachable one fails before Tune starts.
     """
     search = restored_search(tuner)
     if search is None:  # started before ifsearch kept its own study: Ray's state as saved
@@ -271,8 +271,8 @@ def _resume_search(tuner: tune.Tuner, plan: SweepPlan,
     if plan.optuna_storage:
         searcher.storage = plan.optuna_storage
     if plan.warm_start:
-        searcher.enqueue(plan.warm_start)
-    searcher.study  # noqa: B018  (opens it: fails here if the database is not there)
+        searcher.enqueue_on_restore = [plan.warm_start]
+    searcher.rdb()
     return search.num_samples, searcher.storage
 
 

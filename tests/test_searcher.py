@@ -163,7 +163,7 @@ def test_a_restored_searcher_follows_a_moved_database(tmp_path):
     assert study_by_tune_id(s.storage)["running"].state == TrialState.RUNNING  # untouched
 
     restored.storage = f"sqlite:///{tmp_path / 'empty.db'}"
-    restored._study = restored._storage_obj = None
+    restored._study = restored._storage_obj = None  # as after pickling
     with pytest.raises(IfsearchError, match=r"'sweep' is not in sqlite:///.*empty\.db.*"
                                             r"--optuna-storage"):
         restored.study
@@ -180,11 +180,39 @@ def test_warm_start_is_the_first_trial_and_not_repeated_on_resume(tmp_path):
     s = OptunaSearcher(lr_space, "val_loss", "min", optuna.samplers.RandomSampler(0),
                        f"sqlite:///{tmp_path / 'optuna.db'}", "sweep", 4,
                        points_to_evaluate=[{"train.lr": 0.005}])
+    pickled_by_the_tuner = pickle.dumps(s)
     assert s.suggest("warm") == {"train.lr": 0.005}
-    s.enqueue({"train.lr": 0.005})  # --resume --warm-start with the same file
-    assert s.suggest("next") != {"train.lr": 0.005}
-    s.enqueue({"train.lr": 0.002})  # a new warm start is evaluated next
-    assert s.suggest("third") == {"train.lr": 0.002}
+    s.save(str(tmp_path / "state.pkl"))
+
+    def resumed_with_warm_start(lr):
+        restored = pickle.loads(pickled_by_the_tuner)
+        restored.enqueue_on_restore = [{"train.lr": lr}]  # what --resume --warm-start does
+        restored.restore(str(tmp_path / "state.pkl"))
+        return restored.suggest(f"after {lr}")
+
+    assert resumed_with_warm_start(0.005) != {"train.lr": 0.005}  # tried already
+    assert resumed_with_warm_start(0.002) == {"train.lr": 0.002}  # a new one goes first
+
+
+def test_a_lost_database_is_rebuilt_from_the_checkpoint(tmp_path):
+    s = make_searcher(tmp_path)
+    pickled_by_the_tuner = pickle.dumps(s)
+    s.suggest("done")
+    s.on_trial_result("done", result(1, 9.0))
+    s.on_trial_complete("done", result(2, 8.0))
+    s.suggest("running")
+    s.on_trial_result("running", result(1, 9.5))
+    s.save(str(tmp_path / "state.pkl"))
+    (tmp_path / "optuna.db").unlink()  # lost with the head node
+
+    restored = pickle.loads(pickled_by_the_tuner)
+    restored.restore(str(tmp_path / "state.pkl"))
+    restored.on_trial_complete("running", result(4, 7.0))
+    restored.suggest("new")
+    trials = study_by_tune_id(restored.storage)
+    assert {tid: (t.number, t.state, t.intermediate_values) for tid, t in trials.items()} == {
+        "done": (0, PRUNED, {1: 9.0, 2: 8.0}), "running": (1, COMPLETE, {1: 9.5, 4: 7.0}),
+        "new": (2, TrialState.RUNNING, {})}
 
 
 def test_the_budget_can_grow_when_a_sweep_resumes(tmp_path):
