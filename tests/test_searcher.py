@@ -204,8 +204,11 @@ def test_a_lost_database_is_rebuilt_from_the_checkpoint(tmp_path):
     s.on_trial_result("running", result(1, 9.5))
     s.save(str(tmp_path / "state.pkl"))
     (tmp_path / "optuna.db").unlink()  # lost with the head node
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"  # a database that holds another sweep too
+    optuna.create_study(study_name="other", storage=shared).optimize(lambda t: 0.0, n_trials=3)
 
     restored = pickle.loads(pickled_by_the_tuner)
+    restored.storage = shared  # --resume --optuna-storage
     restored.restore(str(tmp_path / "state.pkl"))
     restored.on_trial_complete("running", result(4, 7.0))
     restored.suggest("new")
