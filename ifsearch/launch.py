@@ -17,8 +17,21 @@ from pathlib import Path
 
 from ifsearch.config import config_from_dict, load_config
 from ifsearch.errors import ConfigError, IfsearchError
-from ifsearch.search_space import SCHEDULERS, SEARCHERS, SearchSpace, load_search_space
-from ifsearch.tracking_server import check_tracking_uri, running_server, start_local_server
+from ifsearch.search_space import (
+    MODES,
+    RUNG_SCHEDULERS,
+    SCHEDULERS,
+    SEARCHERS,
+    SearchSpace,
+    load_search_space,
+    metric_problem,
+)
+from ifsearch.tracking_server import (
+    check_tracking_uri,
+    redact_uri,
+    running_server,
+    start_local_server,
+)
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "influencer_default.yaml"
 RUNS_DIR = Path("runs")
@@ -44,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None,
                    help="early stopping: asha, hyperband, median stopping, or fifo (none); "
                         "default: the space's scheduler.name")
+    p.add_argument("--rung-metric", default=None, metavar="METRIC[:min|max]",
+                   help="the metric the scheduler's rungs compare, e.g. val_loss:min, when the "
+                        "objective ties young trials (AP50 = 0 stops nothing); the searcher "
+                        "still optimises the objective. Default: the space's scheduler.metric, "
+                        "else the objective")
     p.add_argument("--searcher", choices=SEARCHERS, default=None,
                    help="Optuna sampler: tpe, random, cmaes, nsga2 "
                         "(multi-objective: the objective metric vs epoch_seconds); default: the "
@@ -72,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", default=None,
                    help="MLflow tracking server (default: $MLFLOW_TRACKING_URI, else a local "
                         "server under runs/mlflow, started if needed and left running)")
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="database of the sweep's Optuna study (named after the sweep), for "
+                        "optuna.load_study and optuna-dashboard: an SQLAlchemy URL such as "
+                        "postgresql://user@host/db (default: sqlite:///<sweep dir>/optuna.db, "
+                        "under runs/sweeps/<name> when --storage is a URI; --resume reopens "
+                        "the sweep's own study unless this is given)")
     p.add_argument("--experiment", default="ifsearch", help="MLflow experiment name")
     p.add_argument("--name", default=None,
                    help="sweep name (Tune experiment + MLflow parent run); default: "
@@ -108,6 +132,9 @@ class SweepPlan:
     mode: str
     warm_start: dict | None
     worker_resources: dict[str, float]
+    rung_metric: str  # what the scheduler's rungs compare (default: the objective)
+    rung_mode: str
+    optuna_storage: str | None  # the study's database URL; None = sqlite in the sweep dir
 
 
 def plan_sweep(args: argparse.Namespace) -> SweepPlan:
@@ -140,15 +167,60 @@ def plan_sweep(args: argparse.Namespace) -> SweepPlan:
     warm = None
     if args.warm_start is not None:
         warm = space.point_from_config(load_config(args.warm_start))
+    scheduler = args.scheduler or space.scheduler["name"]
+    rung_metric, rung_mode = parse_rung_metric(args.rung_metric, space, scheduler)
+    if args.optuna_storage is not None:
+        _check_database_url(args.optuna_storage)
     return SweepPlan(
         space=space, name=name, storage=storage, num_samples=num_samples,
-        max_epochs=max_epochs, grace_period=grace,
-        scheduler=args.scheduler or space.scheduler["name"],
+        max_epochs=max_epochs, grace_period=grace, scheduler=scheduler,
         searcher=args.searcher or space.searcher["name"],
         seed=args.seed if args.seed is not None else space.searcher.get("seed", 0),
         metric=space.objective["metric"], mode=space.objective["mode"], warm_start=warm,
-        worker_resources=worker_resources,
+        worker_resources=worker_resources, rung_metric=rung_metric, rung_mode=rung_mode,
+        optuna_storage=args.optuna_storage,
     )
+
+
+def parse_rung_metric(text: str | None, space: SearchSpace, scheduler: str) -> tuple[str, str]:
+    """``--rung-metric METRIC[:min|max]``, else the space's scheduler.metric, else the objective.
+
+    Without ``:mode`` the metric must be the objective (whose mode it takes): a wrong guess of
+    the direction would stop the best trials.
+    """
+    objective = space.objective
+    if text is None:
+        return (space.scheduler.get("metric", objective["metric"]),
+                space.scheduler.get("mode", objective["mode"]))
+    if scheduler not in RUNG_SCHEDULERS:
+        raise ConfigError(f"--rung-metric {text}: scheduler {scheduler!r} stops no trial early; "
+                          f"use it with --scheduler {' / '.join(RUNG_SCHEDULERS)}")
+    metric, sep, mode = text.partition(":")
+    dataset = (space.base.get("data") or {}).get("name", "synthetic")
+    problem = metric_problem(metric, dataset)
+    if problem:
+        raise ConfigError(f"--rung-metric {text}: {problem}")
+    if not sep:
+        if metric != objective["metric"]:
+            raise ConfigError(f"--rung-metric {text}: say whether a lower or a higher {metric} "
+                              f"is better, e.g. --rung-metric {metric}:min")
+        mode = objective["mode"]
+    if mode not in MODES:
+        raise ConfigError(f"--rung-metric {text}: mode {mode!r} must be one of {list(MODES)}, "
+                          "e.g. val_loss:min or AP25:max")
+    return metric, mode
+
+
+def _check_database_url(url: str) -> None:
+    """Refuse a --optuna-storage that is not an SQLAlchemy URL before anything starts."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"--optuna-storage {redact_uri(url)!r} is not a database URL; e.g. "
+                          "sqlite:////abs/path/optuna.db or postgresql://user@host/db") from None
 
 
 def parse_worker_resources(items: list[str]) -> dict[str, float]:

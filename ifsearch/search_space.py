@@ -78,9 +78,10 @@ DATASET_METRICS = {
 }
 BUDGET_KEYS = ("num_samples", "max_epochs", "grace_period")
 # Options that are passed on to the scheduler/searcher; anything else is a typo.
-SCHEDULER_KEYS = ("name", "reduction_factor")
+SCHEDULER_KEYS = ("name", "reduction_factor", "metric", "mode")
 SEARCHER_KEYS = ("name", "seed", "n_startup_trials")
 REDUCTION_SCHEDULERS = ("asha", "hyperband")  # the schedulers that take reduction_factor
+RUNG_SCHEDULERS = ("asha", "hyperband", "median")  # the ones that compare trials on a metric
 
 DEFAULT_OBJECTIVE = {"metric": "AP50", "mode": "max"}
 DEFAULT_NUM_SAMPLES = 8
@@ -143,7 +144,8 @@ class SearchSpace:
         objective: ``{"metric": ..., "mode": "min" | "max"}``.
         budget: ``{"num_samples", "max_epochs", "grace_period"}``; ``max_epochs`` is every
             trial's ``train.epochs``.
-        scheduler: ``{"name": ..., **options}``.
+        scheduler: ``{"name": ..., **options}``; asha/hyperband/median also get ``metric`` and
+            ``mode``, what their rungs compare (default: the objective's).
         searcher: ``{"name": ..., **options}``.
     """
 
@@ -346,6 +348,7 @@ class _Validator:
         searcher = self.check_named("searcher", self.raw.get("searcher"), DEFAULT_SEARCHER,
                                     SEARCHERS, SEARCHER_KEYS)
         self.check_scheduler_options(scheduler, budget)
+        self.check_rung_metric(scheduler, objective, dataset)
         self.check_searcher_options(searcher)
         for key in params:
             section, name = key.split(".")
@@ -636,6 +639,37 @@ class _Validator:
             self.err("scheduler.reduction_factor", f"is not used by scheduler {name!r}; only "
                      f"{list(REDUCTION_SCHEDULERS)} take it: remove it")
 
+    def check_rung_metric(self, scheduler: dict, objective: dict, dataset: str) -> None:
+        """``scheduler.metric``/``mode``: what the rungs compare; default: the objective."""
+        name = scheduler.get("name")
+        if name not in RUNG_SCHEDULERS:
+            for k in ("metric", "mode"):
+                if k in scheduler:
+                    self.err(f"scheduler.{k}", f"is not used by scheduler {name!r}, which stops "
+                             "no trial early: remove it")
+            return
+        if "metric" not in scheduler:
+            if "mode" in scheduler:
+                self.err("scheduler.mode", f"{scheduler['mode']!r} without scheduler.metric: "
+                         f"the rungs compare the objective ({objective['metric']}, mode "
+                         f"{objective['mode']}); remove it, or add the metric it is meant for")
+            scheduler["metric"], scheduler["mode"] = objective["metric"], objective["mode"]
+            return
+        metric = scheduler["metric"]
+        problem = metric_problem(metric, dataset)
+        if problem:
+            self.err("scheduler.metric", f"{problem}; or remove it to compare trials on the "
+                     "objective")
+        if "mode" not in scheduler:
+            if metric == objective["metric"]:
+                scheduler["mode"] = objective["mode"]
+            else:
+                self.err("scheduler.mode", f"missing: say whether a lower or a higher {metric} "
+                         f"is better, e.g. scheduler: {{metric: {metric}, mode: min}}")
+        elif scheduler["mode"] not in MODES:
+            self.err("scheduler.mode", f"{scheduler['mode']!r} must be one of {list(MODES)} "
+                     "(max for AP, min for losses and rates)")
+
     def check_searcher_options(self, searcher: dict) -> None:
         for k in ("seed", "n_startup_trials"):
             if k in searcher and not (_positive_int(searcher[k]) or searcher[k] == 0):
@@ -681,6 +715,17 @@ class _Validator:
 
 # --------------------------------------------------------------------------------------------
 # Helpers
+
+
+def metric_problem(metric: Any, dataset: str) -> str | None:
+    """Why ``metric`` cannot rank trials on ``dataset`` (unknown, or not reported there)."""
+    if not isinstance(metric, str) or metric not in KNOWN_METRICS:
+        return (f"{metric!r} is not a reported metric{_did_you_mean(str(metric), KNOWN_METRICS)}"
+                f"; known metrics: {list(KNOWN_METRICS)}")
+    if dataset not in DATASET_METRICS.get(metric, (dataset,)):
+        return (f"{metric!r} is not reported for data.name = {dataset!r}, only for "
+                f"{list(DATASET_METRICS[metric])}")
+    return None
 
 
 def _config_fields() -> dict[str, dict[str, Any]]:

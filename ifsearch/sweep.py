@@ -10,21 +10,20 @@ import signal
 import time
 from pathlib import Path
 
-import optuna
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
-from ray.tune.schedulers import (
-    ASHAScheduler,
-    FIFOScheduler,
-    HyperBandScheduler,
-    MedianStoppingRule,
-)
-from ray.tune.search.optuna import OptunaSearch
 
 from ifsearch.errors import IfsearchError
 from ifsearch.export import write_best_config
 from ifsearch.launch import PROGRESS_METRICS, RUNS_DIR, SweepPlan
+from ifsearch.searcher import (  # noqa: F401  (build_searcher: re-exported for callers)
+    build_scheduler,
+    build_search_alg,
+    build_searcher,
+    default_storage,
+    restored_search,
+)
 from ifsearch.sweep_report import write_plots, write_trials_csv
 from ifsearch.tracking import (
     INTERRUPTED_TAG,
@@ -38,46 +37,11 @@ from ifsearch.tracking import (
     mark_interrupted,
     sweep_view_link,
 )
-from ifsearch.tracking_server import free_port
+from ifsearch.tracking_server import free_port, redact_uri
 from trainables import TrialSettings, train_driver_fn
 
 DRIVER_CPUS = 1.0  # a trial's Tune function only waits on its TorchTrainer
 SPOOL_NAME = "mlflow_spool.jsonl"  # MLflow records kept while the server is unreachable
-
-
-def build_searcher(plan: SweepPlan):
-    """OptunaSearch with the chosen sampler; define-by-run keeps conditional parameters."""
-    samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(
-            seed=plan.seed, n_startup_trials=plan.space.searcher.get("n_startup_trials", 10)),
-        "random": lambda: optuna.samplers.RandomSampler(seed=plan.seed),
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=plan.seed),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=plan.seed),
-    }
-    metric, mode = plan.metric, plan.mode
-    if plan.searcher == "nsga2":  # quality vs cost
-        metric, mode = [plan.metric, "epoch_seconds"], [plan.mode, "min"]
-    return OptunaSearch(
-        space=plan.space.define_by_run,
-        metric=metric,
-        mode=mode,
-        sampler=samplers[plan.searcher](),
-        points_to_evaluate=[plan.warm_start] if plan.warm_start else None,
-    )
-
-
-def build_scheduler(plan: SweepPlan):
-    """Tune scheduler on the reported, monotonic ``epoch`` (training_iteration restarts)."""
-    common = dict(time_attr="epoch", metric=plan.metric, mode=plan.mode)
-    reduction = plan.space.scheduler.get("reduction_factor", 2)
-    if plan.scheduler == "asha":
-        return ASHAScheduler(max_t=plan.max_epochs, grace_period=plan.grace_period,
-                             reduction_factor=reduction, **common)
-    if plan.scheduler == "hyperband":
-        return HyperBandScheduler(max_t=plan.max_epochs, reduction_factor=reduction, **common)
-    if plan.scheduler == "median":
-        return MedianStoppingRule(grace_period=plan.grace_period, **common)
-    return FIFOScheduler()
 
 
 def worker_bundle(args: argparse.Namespace, custom: dict[str, float] | None = None) -> dict:
@@ -214,6 +178,7 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
         "space": str(args.space), "scheduler": plan.scheduler, "searcher": plan.searcher,
         "num_samples": plan.num_samples, "max_epochs": plan.max_epochs,
         "grace_period": plan.grace_period, "metric": plan.metric, "mode": plan.mode,
+        "rung_metric": f"{plan.rung_metric}:{plan.rung_mode}",
         "seed": plan.seed, "workers_per_trial": args.workers_per_trial,
         "cpus_per_worker": args.cpus_per_worker, "gpus_per_worker": args.gpus_per_worker,
         "worker_resources": ",".join(f"{k}={v:g}" for k, v in plan.worker_resources.items()),
@@ -235,7 +200,12 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
         print(f"resuming sweep {plan.name} from {sweep_uri}", flush=True)
         # The run config (MLflow logger, reporter) is restored from the experiment with it.
         tuner = tune.Tuner.restore(sweep_uri, trainable=trainable, resume_errored=True)
+        num_samples, study_url = _resume_search(tuner, plan, args)
     else:
+        num_samples = plan.num_samples
+        study_url = plan.optuna_storage or default_storage(local_dir)
+        if not plan.optuna_storage:
+            local_dir.mkdir(parents=True, exist_ok=True)  # sqlite makes the file, not the dir
         logger = MlflowTrialLogger(tracking_uri, args.experiment, plan.name,
                                    plan.space, plan.max_epochs,
                                    spool_path=local_dir / SPOOL_NAME)
@@ -251,16 +221,21 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
                                     failure_config=tune.FailureConfig(max_failures=1))
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=build_searcher(plan), scheduler=build_scheduler(plan),
-                num_samples=plan.num_samples, max_concurrent_trials=concurrent,
+            tune_config=tune.TuneConfig(  # the search_alg limits concurrency itself
+                search_alg=build_search_alg(plan, study_url, concurrent),
+                scheduler=build_scheduler(plan), num_samples=plan.num_samples,
             ),
             run_config=run_config,
         )
-    print(f"sweep {plan.name}: {plan.num_samples} trials x <= {plan.max_epochs} epochs, "
+    print(f"sweep {plan.name}: {num_samples} trials x <= {plan.max_epochs} epochs, "
           f"{plan.searcher} + {plan.scheduler}, {concurrent} at once; MLflow {tracking_uri} "
           f"(experiment {args.experiment!r})", flush=True)
     print(f"MLflow UI:     {ui_link}", flush=True)  # the sweep's runs, best first
+    if study_url:
+        print(f"Optuna study {plan.name!r} in {redact_uri(study_url)} (open it with "
+              f"optuna-dashboard or optuna.load_study)", flush=True)
+        client.set_tag(parent_run_id, "ifsearch.optuna_study", plan.name)
+        client.set_tag(parent_run_id, "ifsearch.optuna_storage", redact_uri(study_url))
     # Tune turns SIGINT into a clean stop that saves the experiment; give SIGTERM (what
     # schedulers and `kill` send) the same meaning instead of dying mid-write.
     previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
@@ -268,7 +243,7 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
         results = tuner.fit()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if _interrupted(sweep_uri, plan.num_samples):
+    if _interrupted(sweep_uri, num_samples):
         try:
             marked = mark_interrupted(client, args.experiment, plan.name)
             runs = f"{marked} MLflow run(s) are marked KILLED ({INTERRUPTED_TAG}=true)"
@@ -281,6 +256,30 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
         return 130
     return _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri, local_dir,
                    ui_link)
+
+
+def _resume_search(tuner: tune.Tuner, plan: SweepPlan,
+                   args: argparse.Namespace) -> tuple[int, str | None]:
+    """Point a restored sweep's search at its budget and study; return (trials, study URL).
+
+    ``--num-samples`` raises (or keeps) the budget, ``--optuna-storage`` moves the study,
+    ``--warm-start`` is evaluated next unless the study has tried it already. The database is
+    connected here, so an unreachable one fails before Tune starts.
+    """
+    search = restored_search(tuner)
+    if search is None:  # started before ifsearch kept its own study: Ray's state as saved
+        print("this sweep was started with Ray's OptunaSearch: it resumes as saved, without a "
+              "persisted Optuna study or a new --num-samples", flush=True)
+        return plan.num_samples, None
+    if args.num_samples is not None:
+        search.num_samples = args.num_samples
+    searcher = search.optuna
+    if plan.optuna_storage:
+        searcher.storage = plan.optuna_storage
+    if plan.warm_start:
+        searcher.enqueue_on_restore = [plan.warm_start]
+    searcher.rdb()
+    return search.num_samples, searcher.storage
 
 
 def _interrupted(sweep_uri: str, num_samples: int) -> bool:

@@ -210,6 +210,19 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, mlflow_server, s
     # The searcher state survived: the resumed sweep sampled only the missing trials.
     configs = {(r.data.params["train.lr"], r.data.params["train.weight_decay"]) for r in trials}
     assert len(configs) == 4
+    # So did the Optuna study: resumed trials kept their Optuna trial and its epochs went on.
+    import optuna
+
+    study = optuna.load_study(study_name="resumable", storage="sqlite:///"
+                              f"{tmp_path / 'sweeps' / 'resumable' / 'optuna.db'}")
+    by_tune_id = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert sorted(by_tune_id) == sorted(trial_ids)
+    for run in trials:
+        steps = {m.step for m in client.get_metric_history(run.info.run_id, "val_loss")}
+        optuna_trial = by_tune_id[run.data.tags[TRIAL_TAG]]
+        assert sorted(optuna_trial.intermediate_values) == sorted(steps)
+        assert optuna_trial.state.name == {"FINISHED": "COMPLETE",
+                                           "KILLED": "PRUNED"}[run.info.status]
 
 
 def test_bad_space_fails_before_ray_starts(tmp_path):
@@ -290,7 +303,7 @@ def test_every_searcher_and_scheduler_builds(tmp_path, searcher, scheduler):
                                       "--scheduler", scheduler, "--max-epochs", "3"])
     plan = plan_sweep(args)
     assert plan.max_epochs == 3 and plan.grace_period == 1
-    search_alg = build_searcher(plan)
+    search_alg = build_searcher(plan, f"sqlite:///{tmp_path / 'optuna.db'}")
     if searcher == "nsga2":  # multi-objective: quality vs cost
         assert search_alg._metric == ["val_loss", "epoch_seconds"]
     assert type(build_scheduler(plan)).__name__ == {
