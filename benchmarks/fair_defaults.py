@@ -157,6 +157,7 @@ def render(results: dict, curves: dict, args: argparse.Namespace, sets: list[str
         cells.append(f"{ratio:.2f}")
         rows.append(cells)
     main_table = markdown_table(["variant", *METRICS, "AP50 / AP50_agnostic"], rows)
+    finding = conclusion(results, seeds, default_eval)
 
     eval_rows = []
     for variant in TRAIN_VARIANTS:
@@ -178,7 +179,7 @@ of 1024 points, 64 training / 16 validation scenes, 12 queries, 3 decoder layers
 Influencer Loss with unit weights; {setting}) for {args.epochs} epochs with seeds
 {", ".join(map(str, seeds))} (model init and data order), one thread per run, two runs at a time;
 then each final checkpoint is evaluated again under every inference setting. Mean ± std over the
-seeds; {seconds / 60:.0f} min in all. AP50 is class-aware (ScanNet protocol); AP50_agnostic treats
+seeds; the runs' epochs took {seconds / 60:.0f} min in all (summed `epoch_seconds`). AP50 is class-aware (ScanNet protocol); AP50_agnostic treats
 every instance and prediction as one class (one prediction per query with a non-empty mask,
 scored mask score x objectness); duplicate/unclaimed rates and active queries are read from every
 non-empty query mask.
@@ -189,7 +190,7 @@ non-empty query mask.
 
 The last column is the share of the class-agnostic AP50 that survives once classes count: when
 the Influencer variants keep as large a share as Hungarian, the class head no longer decides the
-comparison.
+comparison. {finding}
 
 **Inference settings** on the same checkpoints:
 
@@ -199,6 +200,25 @@ comparison.
 
 {curve_table}
 """
+
+
+def conclusion(results: dict, seeds: list[int], eval_name: str) -> str:
+    """One generated sentence: the best Influencer variant and its share vs Hungarian's."""
+    def mean(variant: str, metric: str) -> float:
+        return statistics.mean(results[variant][s][eval_name][metric] for s in seeds)
+
+    hungarian = next(v for v in TRAIN_VARIANTS if v.startswith("Hungarian"))
+    influencer = [v for v in TRAIN_VARIANTS if v != hungarian]
+    best = max(influencer, key=lambda v: mean(v, "AP50"))
+
+    def share(variant: str) -> float:
+        agnostic = mean(variant, "AP50_agnostic")
+        return mean(variant, "AP50") / agnostic if agnostic > 0 else float("nan")
+
+    verb = "keeps at least" if share(best) >= share(hungarian) else "keeps less than"
+    return (f"The best Influencer variant here is *{best}* (mean AP50 "
+            f"{mean(best, 'AP50'):.3f} vs {mean(hungarian, 'AP50'):.3f} for Hungarian); it "
+            f"{verb} Hungarian's share ({share(best):.2f} vs {share(hungarian):.2f}).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,18 +241,19 @@ def main(argv: list[str] | None = None) -> int:
         args.work = args.work or Path(tempfile.mkdtemp(prefix="fair_defaults_"))
         output = output or args.work / "benchmarks.md"
     args.work = args.work or REPO / "runs" / "fair_defaults"
-    started = time.time()
     jobs = [(v, s, run_dir(args.work, v, s)) for v in TRAIN_VARIANTS for s in range(args.seeds)]
     train_all(jobs, args, sets)
     results: dict = {}
     curves: dict = {}
+    seconds = 0.0
     for variant, seed, directory in jobs:
         results.setdefault(variant, {})[seed] = {
             name: evaluate_checkpoint(directory, overrides)
             for name, overrides in EVAL_VARIANTS.items()}
         lines = (directory / "metrics.jsonl").read_text().splitlines()
         curves.setdefault(variant, {})[seed] = [json.loads(line)["AP50"] for line in lines]
-    body = render(results, curves, args, sets, time.time() - started)
+        seconds += sum(json.loads(line)["epoch_seconds"] for line in lines)
+    body = render(results, curves, args, sets, seconds)
     path = write_section(SECTION, TITLE, body, path=output)
     print(f"wrote {path}")
     return 0

@@ -146,7 +146,7 @@ class InfluencerCriterion(nn.Module):
         no_object_weight: float = 0.1,
         claim_threshold: float = 0.5,
         deep_supervision: bool = True,
-        class_target: str = "threshold",
+        class_target: str = "best_query",
         mean: str = "geometric",
         spill_weight: float = 0.0,
         duplicate_weight: float = 0.0,
