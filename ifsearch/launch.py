@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ifsearch.config import config_from_dict, load_config
 from ifsearch.errors import ConfigError, IfsearchError
+from ifsearch.resources import check_local_trial, local_machine
 from ifsearch.search_space import SCHEDULERS, SEARCHERS, SearchSpace, load_search_space
 from ifsearch.tracking_server import check_tracking_uri, running_server, start_local_server
 
@@ -225,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     try:
         plan = plan_sweep(args)
+        if not args.address:  # real cores, not the logical CPUs Ray gets: before anything starts
+            check_local_trial(args.workers_per_trial, args.cpus_per_worker,
+                              args.gpus_per_worker, *local_machine())
         prepare_data(plan.space, str(args.space))
         tracking_uri = resolve_tracking_uri(args.mlflow_uri)
     except IfsearchError as exc:

@@ -37,6 +37,8 @@ ROLE_TAG = "ifsearch.role"
 TRIAL_TAG = "ifsearch.trial_id"
 TRIAL_NUMBER_TAG = "ifsearch.trial_number"  # creation order: 1 = the first trial evaluated
 INTERRUPTED_TAG = "ifsearch.interrupted"  # on runs a SIGINT/SIGTERM left unfinished
+ERROR_TAG = "ifsearch.error"  # why a FAILED trial failed
+DIVERGED = "diverged"  # truthy in a trial's last result when its loss went non-finite
 # Where a trial's rank-0 Train worker ran (reported by trainables/ as worker_node_id/_host).
 WORKER_NODE_TAG = "ifsearch.worker_node_id"
 WORKER_HOST_TAG = "ifsearch.worker_host"
@@ -238,7 +240,9 @@ class MlflowTrialLogger(tune.Callback):
     """Nested MLflow run per trial: resolved config as params, per-epoch metrics, final status.
 
     Status: FINISHED when the trial ran all ``max_epochs``, KILLED when a scheduler stopped it
-    early, FAILED on error (with the reason as a tag). If the server cannot be reached, training
+    early, FAILED on error or divergence (with the reason in the ``ifsearch.error`` tag; a
+    diverged trial ends with a result flagged ``diverged``, see ``trainables/worker.py``, and
+    nothing is logged for its bad epoch). If the server cannot be reached, training
     is not disturbed: records go to ``spool_path`` (a warning says how to sync them), and while
     the server is down it is retried at most every ``retry_seconds``.
 
@@ -297,6 +301,8 @@ class MlflowTrialLogger(tune.Callback):
                     "config": config_to_dict(self.space.resolve(searched))})
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if result.get(DIVERGED):  # no metrics for the bad epoch; the end record says why
+            return
         metrics = {
             key: float(value) for key, value in result.items()
             if key not in NOT_METRICS and isinstance(value, (int, float))
@@ -314,6 +320,11 @@ class MlflowTrialLogger(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
+        if last.get(DIVERGED):
+            reason = str(last.get("error", "DivergenceError"))
+            self._send({"kind": "end", "trial_id": trial.trial_id, "status": "FAILED",
+                        "tags": {ERROR_TAG: reason[:5000]}})
+            return
         epochs = int(last.get("epoch", 0))
         status = "FINISHED" if epochs >= self.max_epochs else "KILLED"
         tags = {}
@@ -326,7 +337,7 @@ class MlflowTrialLogger(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         error_file = str(getattr(trial, "error_file", "") or "")
         tags = {"ifsearch.error_file": error_file[:MAX_PARAM_LENGTH],
-                "ifsearch.error": error_reason(error_file)[:5000]}
+                ERROR_TAG: error_reason(error_file)[:5000]}
         self._send({"kind": "end", "trial_id": trial.trial_id, "status": "FAILED", "tags": tags})
 
 

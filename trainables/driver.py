@@ -27,6 +27,8 @@ class TrialSettings:
             1}`` keeps training on nodes started with that resource).
         storage_path: where Train keeps checkpoints; shared storage on clusters.
         max_failures: worker-group restarts from the last checkpoint before the trial fails.
+        required_metrics: result keys Tune requires in every result (the searcher's and the
+            scheduler's metrics); a diverged trial's final result sets them to NaN.
     """
 
     space: SearchSpace
@@ -36,6 +38,7 @@ class TrialSettings:
     custom_resources: dict[str, float] = field(default_factory=dict)
     storage_path: str | None = None
     max_failures: int = 1
+    required_metrics: tuple[str, ...] = ()
 
 
 def train_driver_fn(sampled: dict, settings: TrialSettings) -> None:
@@ -51,7 +54,8 @@ def train_driver_fn(sampled: dict, settings: TrialSettings) -> None:
     trial_id = ray_report.trial_id()
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config": config_to_dict(config), "trial_id": trial_id},
+        train_loop_config={"config": config_to_dict(config), "trial_id": trial_id,
+                           "required_metrics": list(settings.required_metrics)},
         scaling_config=ScalingConfig(
             num_workers=settings.num_workers,
             use_gpu=settings.gpus_per_worker > 0,
