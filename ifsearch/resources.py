@@ -17,7 +17,7 @@ import os
 from ifsearch.errors import ConfigError
 
 DRIVER_CPUS = 1.0  # a trial's Tune function only waits on its TorchTrainer
-_EPS = 1e-9  # 3 / 0.3 is 9.999...: count what fits with a little slack for float rounding
+_EPS = 1e-9  # 1 // 0.1 is 9.0 in floats: count what fits with a little slack for rounding
 
 
 def local_machine() -> tuple[int, int]:
