@@ -149,11 +149,11 @@ def expected_mlflow_status(trial: TuneTrial, max_epochs: int) -> str:
 OPTUNA_STATE = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL"}
 
 
-def assert_statuses_agree(trial_runs, tune: dict[str, TuneTrial], max_epochs: int,
+def assert_statuses_agree(client, trial_runs, tune: dict[str, TuneTrial], max_epochs: int,
                           optuna_states: dict[str, str] | None = None) -> dict[str, str]:
-    """Every Tune trial has exactly one MLflow run, whose status Tune's record implies; with
-    ``optuna_states`` (trial id -> Optuna state name) the searcher's study must agree too.
-    Returns trial id -> status."""
+    """Every Tune trial has exactly one MLflow run, whose status Tune's record implies and
+    which logged the epochs Tune received; with ``optuna_states`` (trial id -> Optuna state
+    name) the searcher's study must agree too. Returns trial id -> status."""
     by_trial = {r.data.tags[TRIAL_TAG]: r for r in trial_runs}
     assert len(by_trial) == len(trial_runs), "a trial has two MLflow runs"
     assert set(by_trial) == set(tune), (sorted(by_trial), sorted(tune))
@@ -161,10 +161,20 @@ def assert_statuses_agree(trial_runs, tune: dict[str, TuneTrial], max_epochs: in
     for trial_id, trial in tune.items():
         expected = expected_mlflow_status(trial, max_epochs)
         assert by_trial[trial_id].info.status == expected, (trial_id, trial.status, expected)
+        history = client.get_metric_history(by_trial[trial_id].info.run_id, "val_loss")
+        assert sorted({m.step for m in history}) == tune_epochs(trial), trial_id  # all of them
         if optuna_states is not None:
             assert optuna_states[trial_id] == OPTUNA_STATE[expected], trial_id
         statuses[trial_id] = expected
     return statuses
+
+
+def tune_epochs(trial: TuneTrial) -> list[int]:
+    """The epochs a trial reported to Tune (a diverged trial's final result is no epoch)."""
+    results = trial.results
+    if "diverged" in results:
+        results = results[~results["diverged"].eq(True)]
+    return sorted(set(int(e) for e in results["epoch"]))
 
 
 def assert_epochs_logged_once(client, run, key="val_loss") -> list[int]:
@@ -226,17 +236,18 @@ def test_sweep_logs_to_mlflow_exports_and_warm_starts(tmp_path, mlflow_server):
     plots = {f.path for f in client.list_artifacts(parent.info.run_id, "plots")}
     assert "plots/val_loss_vs_epoch.png" in plots
 
+    # Statuses and epochs as Tune recorded them: ASHA's early stops are KILLED, full trials
+    # FINISHED, and each run has every epoch its trial reported.
+    tune = tune_trials(tmp_path / "sweeps" / "e2e")
+    statuses = assert_statuses_agree(client, trials, tune, max_epochs=4)
+    assert "KILLED" in statuses.values(), "ASHA stopped no trial early"
+    assert all(t.num_failures == 0 for t in tune.values())
     for run in trials:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.params["train.lr"] and run.data.params["loss.name"] == "influencer"
         assert "training_iteration" not in run.data.metrics  # no Tune bookkeeping
         assert len(run.data.tags[WORKER_NODE_TAG]) > 20 and run.data.tags[WORKER_HOST_TAG]
         assert_epochs_logged_once(client, run)
-    # Statuses as Tune recorded them: ASHA's early stops are KILLED, full trials FINISHED.
-    tune = tune_trials(tmp_path / "sweeps" / "e2e")
-    statuses = assert_statuses_agree(trials, tune, max_epochs=4)
-    assert "KILLED" in statuses.values(), "ASHA stopped no trial early"
-    assert all(t.num_failures == 0 for t in tune.values())
 
     # Warm start: the given config is the first trial evaluated.
     assert sorted(r.data.tags[TRIAL_NUMBER_TAG] for r in trials) == ["1", "2", "3", "4"]
@@ -323,7 +334,8 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, mlflow_server, s
     assert len(trial_ids) == len(set(trial_ids)) == 4  # no trial ran twice, none was lost
     assert parents[0].info.status == "FINISHED"
     assert not any(INTERRUPTED_TAG in r.data.tags for r in parents + trials)
-    assert_statuses_agree(trials, tune_trials(tmp_path / "sweeps" / "resumable"), max_epochs=4)
+    assert_statuses_agree(client, trials, tune_trials(tmp_path / "sweeps" / "resumable"),
+                          max_epochs=4)
     resumed = 0
     for run in trials:
         epochs = assert_epochs_logged_once(client, run)
@@ -454,7 +466,7 @@ def test_diverging_trial_fails_once_without_retries(tmp_path, mlflow_server):
     processes = ray_actor_processes(sweep.pid)
     assert (processes["ImplicitFunc"], processes["RayTrainWorker"]) == (2, 2), processes
     assert [t.num_failures for t in tune.values()] == [0, 0]
-    assert_statuses_agree(trials, tune, max_epochs=2)
+    assert_statuses_agree(client, trials, tune, max_epochs=2)
     diverged = tune[failed.data.tags[TRIAL_TAG]]
     assert diverged.status == "TERMINATED" and diverged.results["diverged"].iloc[-1]
     assert "DivergenceError" in diverged.results["error"].iloc[-1]
@@ -499,7 +511,8 @@ def test_mlflow_outage_mid_sweep_is_spooled_and_synced(tmp_path):
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
         assert "best_config.yaml" in {f.path for f in client.list_artifacts(parents[0].info.run_id)}
         assert len(trials) == 4
-        assert_statuses_agree(trials, tune_trials(tmp_path / "sweeps" / "outage"), max_epochs=4)
+        assert_statuses_agree(client, trials, tune_trials(tmp_path / "sweeps" / "outage"),
+                              max_epochs=4)
         for run in trials:  # none lost or doubled, in order
             assert assert_epochs_logged_once(client, run)
     finally:
@@ -544,7 +557,7 @@ def test_killed_process_resumes_the_trial_from_its_checkpoint(tmp_path, mlflow_s
     assert proc.returncode == 0, output[-4000:]
     run = client.get_run(run.info.run_id)
     tune = tune_trials(tmp_path / "sweeps" / "faulty")
-    assert assert_statuses_agree([run], tune, max_epochs=epochs) == {
+    assert assert_statuses_agree(client, [run], tune, max_epochs=epochs) == {
         run.data.tags[TRIAL_TAG]: "FINISHED"}
     assert assert_epochs_logged_once(client, run) == list(range(1, epochs + 1))
     resumed = [m.value for m in client.get_metric_history(run.info.run_id, "start_epoch")]
