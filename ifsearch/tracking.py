@@ -48,6 +48,7 @@ NOT_METRICS = set(AUTO_RESULT_KEYS) | set(DEBUG_METRICS) | {
     "worker_node_id", "worker_host",
 }
 MAX_PARAM_LENGTH = 500
+EVERY_EPOCH = "epoch_seconds"  # a metric every epoch logs: its steps are the logged epochs
 # What an unreachable or failing server raises through MlflowClient.
 UNREACHABLE = (MlflowException, requests.exceptions.RequestException, ConnectionError)
 
@@ -194,9 +195,17 @@ class RunWriter:
             self.client.update_run(run_id, status="RUNNING")
 
     def _result(self, record: dict) -> None:
+        run_id = self.trial_run(record)
+        if record.get("backfill"):  # epochs before a restart that MLflow may lack
+            logged = {m.step for m in self.client.get_metric_history(run_id, EVERY_EPOCH)}
+            missing = [e for e in record["backfill"] if e["step"] not in logged]
+            for i, entry in enumerate(missing):  # time stamps just before this result's
+                stamp = record["timestamp"] - len(missing) + i
+                self.client.log_batch(run_id, metrics=[
+                    Metric(k, v, stamp, entry["step"]) for k, v in entry["metrics"].items()])
         metrics = [Metric(k, v, record["timestamp"], record["step"])
                    for k, v in record["metrics"].items()]
-        self.client.log_batch(self.trial_run(record), metrics=metrics,
+        self.client.log_batch(run_id, metrics=metrics,
                               tags=[RunTag(k, v) for k, v in record.get("tags", {}).items()])
 
     def _end(self, record: dict) -> None:
@@ -303,14 +312,12 @@ class MlflowTrialLogger(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if result.get(DIVERGED):  # no metrics for the bad epoch; the end record says why
             return
-        metrics = {
-            key: float(value) for key, value in result.items()
-            if key not in NOT_METRICS and isinstance(value, (int, float))
-            and not isinstance(value, bool) and math.isfinite(value)
-        }
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         record = {"kind": "result", "trial_id": trial.trial_id, "step": step,
-                  "timestamp": int(time.time() * 1000), "metrics": metrics}
+                  "timestamp": int(time.time() * 1000), "metrics": _metrics(result)}
+        backfill = _epochs_before_restart(result)
+        if backfill:
+            record["backfill"] = backfill
         node = result.get("worker_node_id")
         if node and self._worker_nodes.get(trial.trial_id) != node:  # first, or restarted
             self._worker_nodes[trial.trial_id] = node
@@ -339,6 +346,39 @@ class MlflowTrialLogger(tune.Callback):
         tags = {"ifsearch.error_file": error_file[:MAX_PARAM_LENGTH],
                 ERROR_TAG: error_reason(error_file)[:5000]}
         self._send({"kind": "end", "trial_id": trial.trial_id, "status": "FAILED", "tags": tags})
+
+
+def _metrics(values: dict) -> dict[str, float]:
+    """The finite numbers of a result, without Tune's bookkeeping."""
+    return {key: float(value) for key, value in values.items()
+            if key not in NOT_METRICS and isinstance(value, (int, float))
+            and not isinstance(value, bool) and math.isfinite(value)}
+
+
+def _epochs_before_restart(result: dict) -> list[dict]:
+    """On the first result of a resumed process: every earlier epoch, from its checkpoint.
+
+    Train runs ahead of Tune (reports wait in a queue for the trial's Tune process), so when a
+    sweep is interrupted or a trial's process dies, the last epochs can be checkpointed without
+    ever reaching Tune, and the resumed process starts after them. The checkpoint of its first
+    epoch carries the run's whole ``metrics.jsonl``: those epochs go along with the result and
+    the writer logs the ones MLflow lacks, so every epoch is logged once and in order.
+    """
+    start, path = int(result.get("start_epoch", 1)), result.get("checkpoint_path")
+    if start <= 1 or result.get("epoch") != start or not path:
+        return []
+    from ray.train import Checkpoint
+
+    from ifsearch.train import METRICS_NAME
+
+    try:
+        with Checkpoint(path).as_directory() as directory:
+            lines = (Path(directory) / METRICS_NAME).read_text().splitlines()
+    except (OSError, ValueError):  # an unreadable checkpoint: log what Tune saw
+        return []
+    epochs = [json.loads(line) for line in lines if line.strip()]
+    return [{"step": int(e["epoch"]), "metrics": _metrics(e)} for e in epochs
+            if int(e["epoch"]) < start]
 
 
 def sync_spool(path: str | Path, tracking_uri: str | None = None) -> int:

@@ -131,19 +131,18 @@ def tune_trials(sweep_dir: Path) -> dict[str, TuneTrial]:
 
 
 def expected_mlflow_status(trial: TuneTrial, max_epochs: int) -> str:
-    """What MLflow must say, decided from Tune's records alone:
-    ERROR, or TERMINATED with a last result flagged `diverged` -> FAILED; TERMINATED having
-    reported every epoch -> FINISHED; TERMINATED with fewer epochs (stopped early) -> KILLED."""
-    results = trial.results
+    """What MLflow must say, decided from Tune's records alone: ERROR, or TERMINATED with a last
+    result flagged `diverged` -> FAILED; TERMINATED having reached the last epoch -> FINISHED;
+    TERMINATED before it (a scheduler stopped it early) -> KILLED."""
     if trial.status == "ERROR":
         return "FAILED"
     assert trial.status == "TERMINATED", trial.status
-    last = results.iloc[-1].get("diverged")
+    last = trial.results.iloc[-1].get("diverged")
     if isinstance(last, (bool, np.bool_)) and last:
         return "FAILED"
-    epochs = results["epoch"].nunique()
-    assert 1 <= epochs <= max_epochs
-    return "FINISHED" if epochs == max_epochs else "KILLED"
+    reached = max(tune_epochs(trial))
+    assert 1 <= reached <= max_epochs
+    return "FINISHED" if reached == max_epochs else "KILLED"
 
 
 OPTUNA_STATE = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL"}
@@ -161,8 +160,12 @@ def assert_statuses_agree(client, trial_runs, tune: dict[str, TuneTrial], max_ep
     for trial_id, trial in tune.items():
         expected = expected_mlflow_status(trial, max_epochs)
         assert by_trial[trial_id].info.status == expected, (trial_id, trial.status, expected)
+        # Every epoch Tune received is logged, up to the last one it received.
+        epochs = tune_epochs(trial)
         history = client.get_metric_history(by_trial[trial_id].info.run_id, "val_loss")
-        assert sorted({m.step for m in history}) == tune_epochs(trial), trial_id  # all of them
+        logged = {m.step for m in history}
+        assert set(epochs) <= logged and max(logged, default=0) == max(epochs, default=0), (
+            trial_id, sorted(logged), epochs)
         if optuna_states is not None:
             assert optuna_states[trial_id] == OPTUNA_STATE[expected], trial_id
         statuses[trial_id] = expected
@@ -170,7 +173,10 @@ def assert_statuses_agree(client, trial_runs, tune: dict[str, TuneTrial], max_ep
 
 
 def tune_epochs(trial: TuneTrial) -> list[int]:
-    """The epochs a trial reported to Tune (a diverged trial's final result is no epoch)."""
+    """The epochs a trial reported to Tune (a diverged trial's final result is no epoch).
+
+    After ``Tuner.restore`` a resumed trial's result files hold only the results since the
+    restore (seen with Ray 2.60), so this can miss a resumed trial's earlier epochs."""
     results = trial.results
     if "diverged" in results:
         results = results[~results["diverged"].eq(True)]
@@ -290,12 +296,14 @@ def test_sweep_logs_to_mlflow_exports_and_warm_starts(tmp_path, mlflow_server):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_sweep_resumes_without_duplicates(tmp_path, mlflow_server, sig):
-    proc = launch(tmp_path, mlflow_server, "--name", "resumable", wait=False)
+    epochs = 8
+    proc = launch(tmp_path, mlflow_server, "--name", "resumable", "--scheduler", "fifo",
+                  "--max-epochs", str(epochs), wait=False)
     client = MlflowClient(mlflow_server)
     deadline, ready = time.time() + 300, False
     try:
-        # Interrupt once a trial is done and another is mid-training (1-2 of its 4 epochs
-        # logged, so a checkpoint exists and it has epochs left).
+        # Interrupt once a trial is done and another is mid-training (1-2 of its 8 epochs
+        # logged, so a checkpoint exists and epochs are left when the signal lands).
         while time.time() < deadline and not ready:
             exp = client.get_experiment_by_name(tmp_path.name)
             runs = [] if exp is None else client.search_runs(
@@ -326,7 +334,8 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, mlflow_server, s
            for r in before if INTERRUPTED_TAG in r.data.tags and r.data.tags[ROLE_TAG] == "trial"}
     assert any(cut.values()), "no interrupted trial had logged an epoch"
 
-    out = launch(tmp_path, mlflow_server, "--resume", "--name", "resumable").output
+    out = launch(tmp_path, mlflow_server, "--resume", "--name", "resumable", "--scheduler",
+                 "fifo", "--max-epochs", str(epochs)).output  # the budget is not restored
     assert "resuming sweep resumable" in out
     client, parents, trials = sweep_runs(mlflow_server, tmp_path.name, "resumable")
     trial_ids = [r.data.tags[TRIAL_TAG] for r in trials]
@@ -335,7 +344,7 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, mlflow_server, s
     assert parents[0].info.status == "FINISHED"
     assert not any(INTERRUPTED_TAG in r.data.tags for r in parents + trials)
     assert_statuses_agree(client, trials, tune_trials(tmp_path / "sweeps" / "resumable"),
-                          max_epochs=4)
+                          max_epochs=epochs)
     resumed = 0
     for run in trials:
         epochs = assert_epochs_logged_once(client, run)
@@ -343,8 +352,9 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, mlflow_server, s
         if logged_before and len(epochs) > logged_before:  # it trained again after --resume
             starts = [m.value for m in client.get_metric_history(run.info.run_id,
                                                                  "start_epoch")]
-            # The resumed process started after the last logged epoch, not at epoch 1.
-            assert 1 < max(starts) <= logged_before + 1, (starts, logged_before)
+            # The resumed process started from its checkpoint, not at epoch 1 (epochs it
+            # had checkpointed but Tune never received are logged from that checkpoint).
+            assert max(starts) > 1, (starts, logged_before)
             resumed += 1
     assert resumed, "no interrupted trial trained again after --resume"
     # The searcher did not suggest a config twice (Optuna's trial numbers: see the searcher).
