@@ -164,16 +164,49 @@ def test_invalid_arguments():
         MaskInfluencerLoss(temperature=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to detect host syncs")
+def _sync_check_inputs(device):
+    """Logits (N, M) = (1000, 16) and instance masks (K, N) = (5, 1000) on ``device``, built
+    before the sync check starts (copying them to the GPU is itself a sync)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1000, 16, generator=g).to(device).requires_grad_()
+    masks = (torch.rand(5, 1000, generator=g) > 0.7).to(device)
+    return logits, masks, MaskInfluencerLoss(mask_prob="softmax").to(device)
+
+
+def _loss_forward_backward(logits, masks, loss):
+    """What the GPU test watches: the loss's forward and backward, nothing else."""
+    value = loss.forward_masks(logits, masks)["loss"]
+    value.backward()
+    return value.detach()
+
+
+def test_sync_check_body_runs_on_cpu():
+    """The GPU test's inputs and body, run where there is no GPU (so they stay correct)."""
+    logits, masks, loss = _sync_check_inputs("cpu")
+    value = _loss_forward_backward(logits, masks, loss)
+    assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
+    assert logits.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: torch.cuda.set_sync_debug_mode watches CUDA only")
 def test_no_host_sync_on_gpu():
-    x = torch.randn(1000, 16, device="cuda", requires_grad=True)
-    masks = torch.rand(5, 1000, device="cuda") > 0.7
-    loss = MaskInfluencerLoss(mask_prob="softmax")
+    """Forward + backward of the loss never synchronises with the host: in sync debug mode
+    "error" any synchronising call raises (checked on a deliberate `.item()` first)."""
+    logits, masks, loss = _sync_check_inputs("cuda")
+    probe = torch.ones(1, device="cuda")
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss.forward_masks(x, masks)["loss"].backward()
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            probe.item()  # the mode is on: a sync raises
+        value = _loss_forward_backward(logits, masks, loss)  # raises on any host sync
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    cpu_logits, cpu_masks, cpu_loss = _sync_check_inputs("cpu")
+    expected = _loss_forward_backward(cpu_logits, cpu_masks, cpu_loss)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-4)  # it ran, and right
+    assert torch.allclose(logits.grad.cpu(), cpu_logits.grad, rtol=1e-3, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------
