@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -90,6 +91,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fix a config value for every trial (repeatable), e.g. "
                         "--set data.num_points=2048; a searched key becomes fixed")
     return p
+
+
+def resume_command(args: argparse.Namespace, name: str) -> str:
+    """The command that continues sweep ``name``: ``--resume --name`` plus every option given
+    that differs from its default. Tune restores its own state, but the budget, --set values
+    and resources come from the command line again, so they must be repeated."""
+    parser = build_parser()
+    defaults = parser.parse_args([])
+    words = ["python", "-m", "ifsearch.launch", "--resume", "--name", name,
+             "--space", str(args.space)]
+    for action in parser._actions:
+        dest = action.dest
+        if not action.option_strings or dest in ("help", "resume", "name", "space"):
+            continue
+        value = getattr(args, dest)
+        if value == getattr(defaults, dest):
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(value, bool):
+            words.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                words += [flag, str(item)]
+        else:
+            words += [flag, str(value)]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ifsearch.errors import IfsearchError
 from ifsearch.export import write_best_config
-from ifsearch.launch import PROGRESS_METRICS, RUNS_DIR, SweepPlan
+from ifsearch.launch import PROGRESS_METRICS, RUNS_DIR, SweepPlan, resume_command
 from ifsearch.resources import (
     DRIVER_CPUS,
     check_local_trial,
@@ -280,8 +280,7 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
         except UNREACHABLE as exc:
             runs = f"MLflow is unreachable ({type(exc).__name__}), runs were not marked"
         print(f"\nsweep {plan.name} interrupted: its state is saved in {sweep_uri} and {runs}. "
-              f"Continue it with:\n"
-              f"  python -m ifsearch.launch --resume --name {plan.name} --space {args.space}",
+              f"Continue it with:\n  {resume_command(args, plan.name)}",
               flush=True)
         return 130
     return _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri, local_dir)

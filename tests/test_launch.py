@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from ifsearch.config import load_config
 from ifsearch.errors import ConfigError
-from ifsearch.launch import build_parser, parse_worker_resources
+from ifsearch.launch import build_parser, parse_worker_resources, resume_command
 from ifsearch.launch import main as launch_main
 from ifsearch.tracking import (
     ERROR_TAG,
@@ -323,7 +324,9 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, mlflow_server, s
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, output[-3000:]
-    assert "--resume --name resumable" in output
+    printed = [line.strip() for line in output.splitlines()
+               if line.strip().startswith("python -m ifsearch.launch --resume --name resumable")]
+    assert printed, output[-3000:]
     _, parents, before = sweep_runs(mlflow_server, tmp_path.name, "resumable")
     # Nothing is left RUNNING: the parent and the unfinished trials are KILLED + interrupted.
     assert all(r.info.status != "RUNNING" for r in parents + before)
@@ -334,8 +337,8 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, mlflow_server, s
            for r in before if INTERRUPTED_TAG in r.data.tags and r.data.tags[ROLE_TAG] == "trial"}
     assert any(cut.values()), "no interrupted trial had logged an epoch"
 
-    out = launch(tmp_path, mlflow_server, "--resume", "--name", "resumable", "--scheduler",
-                 "fifo", "--max-epochs", str(epochs)).output  # the budget is not restored
+    # The printed command repeats the budget and every option: Tune does not restore those.
+    out = launch(tmp_path, mlflow_server, *shlex.split(printed[-1])[3:]).output
     assert "resuming sweep resumable" in out
     client, parents, trials = sweep_runs(mlflow_server, tmp_path.name, "resumable")
     trial_ids = [r.data.tags[TRIAL_TAG] for r in trials]
@@ -415,6 +418,17 @@ def test_bad_cluster_options_fail_before_ray_starts(tmp_path, monkeypatch, capsy
     assert launch_main(["--mlflow-uri", "http://127.0.0.1:9", *options]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_resume_command_repeats_every_option_given():
+    argv = ["--space", "my space.yaml", "--max-epochs", "8", "--num-samples", "3",
+            "--set", "data.num_points=64", "--set", "model.embed_dim=8", "--scheduler", "fifo",
+            "--cpus-per-worker", "0.5", "--storage", "/tmp/s", "--experiment", "e", "--name", "n"]
+    args = build_parser().parse_args(argv)
+    words = shlex.split(resume_command(args, "n"))
+    assert words[:6] == ["python", "-m", "ifsearch.launch", "--resume", "--name", "n"]
+    again = build_parser().parse_args(words[3:])
+    assert again.resume and vars(again) == {**vars(args), "resume": True}
 
 
 def test_help_explains_every_option():
