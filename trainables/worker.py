@@ -7,7 +7,9 @@ checkpoint and reproduce the same NaN. So ``DivergenceError`` is not raised thro
 workers catch it and end the run normally with one last result that says so:
 
 - ``diverged: True`` and ``error: "DivergenceError: <reason>"``: the MLflow logger marks the run
-  FAILED with the reason in its ``ifsearch.error`` tag, and the searcher tells Optuna FAIL;
+  FAILED with the reason in its ``ifsearch.error`` tag, and ifsearch's searcher tells Optuna
+  FAIL (Ray's stock ``OptunaSearch`` cannot: it tells COMPLETE with NaN, which Optuna refuses
+  with a logged warning, leaving the Optuna trial RUNNING);
 - every metric Tune requires in a result (the searcher's and the scheduler's, passed in as
   ``required_metrics``) set to NaN, so Tune's strict metric check passes and nothing can rank
   the trial (``get_best_result(filter_nan_and_inf=True)``, the median rule, ASHA's NaN-aware
