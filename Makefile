@@ -5,6 +5,11 @@ BIN    := $(VENV)/bin
 # The versions the tests pass with, every dependency and torch included (README: "Two commands"
 # says how to refresh it). Used as constraints: pyproject.toml keeps its ranges for GPU users.
 CONSTRAINTS ?= requirements-lock.txt
+# Where pip finds PyTorch's CPU wheel. Empty = pip's own configuration; on a machine whose pip
+# only knows PyPI, `torch==2.13.0` there is the CUDA build (several GB), so pass
+#   make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
+PIP_TORCH_INDEX := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
 
 # PostgreSQL (Debian's packages) backs the MLflow server of the multi-node cluster test.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -16,7 +21,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --upgrade pip
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
-	$(BIN)/pip install -c $(CONSTRAINTS) -e ".[test]"
+	$(BIN)/pip install $(PIP_TORCH_INDEX) -c $(CONSTRAINTS) -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -22,4 +22,14 @@ class CheckpointError(IfsearchError):
 
 
 class DivergenceError(IfsearchError):
-    """Training produced a non-finite loss; the trial is failed, not retried into garbage."""
+    """Training produced a non-finite loss at ``epoch``, ``step``.
+
+    ``python -m ifsearch.train`` stops with it (exit 2). In a sweep it is not raised through
+    Ray (Train and Tune retry every error, each retry reproducing the same NaN from the same
+    checkpoint): the Train worker turns it into a final result flagged ``diverged``, so the
+    trial fails once, without retries (see ``trainables/worker.py``).
+    """
+
+    def __init__(self, message: str, epoch: int | None = None, step: int | None = None) -> None:
+        super().__init__(message)
+        self.epoch, self.step = epoch, step

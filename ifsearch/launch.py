@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from ifsearch.config import config_from_dict, load_config
 from ifsearch.errors import ConfigError, IfsearchError
+from ifsearch.resources import check_local_trial, local_machine
 from ifsearch.search_space import (
     MODES,
     RUNG_SCHEDULERS,
@@ -113,6 +115,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fix a config value for every trial (repeatable), e.g. "
                         "--set data.num_points=2048; a searched key becomes fixed")
     return p
+
+
+def resume_command(args: argparse.Namespace, name: str) -> str:
+    """The command that continues sweep ``name``: ``--resume --name`` plus every option given
+    that differs from its default. Tune restores its own state, but the budget, --set values
+    and resources come from the command line again, so they must be repeated."""
+    parser = build_parser()
+    defaults = parser.parse_args([])
+    words = ["python", "-m", "ifsearch.launch", "--resume", "--name", name,
+             "--space", str(args.space)]
+    for action in parser._actions:
+        dest = action.dest
+        if not action.option_strings or dest in ("help", "resume", "name", "space"):
+            continue
+        value = getattr(args, dest)
+        if value == getattr(defaults, dest):
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(value, bool):
+            words.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                words += [flag, str(item)]
+        else:
+            words += [flag, str(value)]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 @dataclass
@@ -297,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     try:
         plan = plan_sweep(args)
+        if not args.address:  # real cores, not the logical CPUs Ray gets: before anything starts
+            check_local_trial(args.workers_per_trial, args.cpus_per_worker,
+                              args.gpus_per_worker, *local_machine())
         prepare_data(plan.space, str(args.space))
         tracking_uri = resolve_tracking_uri(args.mlflow_uri)
     except IfsearchError as exc:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import signal
@@ -16,7 +15,7 @@ from ray import tune
 
 from ifsearch.errors import IfsearchError
 from ifsearch.export import write_best_config
-from ifsearch.launch import PROGRESS_METRICS, RUNS_DIR, SweepPlan
+from ifsearch.launch import PROGRESS_METRICS, RUNS_DIR, SweepPlan, resume_command
 from ifsearch.searcher import (  # noqa: F401  (build_searcher: re-exported for callers)
     build_scheduler,
     build_search_alg,
@@ -24,8 +23,16 @@ from ifsearch.searcher import (  # noqa: F401  (build_searcher: re-exported for 
     default_storage,
     restored_search,
 )
+from ifsearch.resources import (
+    DRIVER_CPUS,
+    check_local_trial,
+    local_concurrency,
+    local_machine,
+    local_ray_cpus,
+)
 from ifsearch.sweep_report import write_plots, write_trials_csv
 from ifsearch.tracking import (
+    DIVERGED,
     INTERRUPTED_TAG,
     UNREACHABLE,
     MlflowTrialLogger,
@@ -40,8 +47,15 @@ from ifsearch.tracking import (
 from ifsearch.tracking_server import free_port, redact_uri
 from trainables import TrialSettings, train_driver_fn
 
-DRIVER_CPUS = 1.0  # a trial's Tune function only waits on its TorchTrainer
 SPOOL_NAME = "mlflow_spool.jsonl"  # MLflow records kept while the server is unreachable
+
+
+def required_metrics(plan: SweepPlan) -> tuple[str, ...]:
+    """Result keys Tune's strict metric check requires: the searcher's and the scheduler's."""
+    names = [plan.metric] + (["epoch_seconds"] if plan.searcher == "nsga2" else [])
+    scheduler_metric = build_scheduler(plan).metric
+    names += [scheduler_metric] if scheduler_metric else []
+    return tuple(dict.fromkeys(names))
 
 
 def worker_bundle(args: argparse.Namespace, custom: dict[str, float] | None = None) -> dict:
@@ -126,18 +140,11 @@ def start_ray(args: argparse.Namespace,
         if concurrent > fit:
             note += f"; --max-concurrent {concurrent} relies on the autoscaler for the rest"
         return concurrent, note
-    cores = os.cpu_count() or 1
-    import torch
-
-    local_gpus = torch.cuda.device_count()
-    if gpus and workers * gpus > local_gpus:
-        raise IfsearchError(f"a trial needs {workers * gpus:g} GPUs but this machine has "
-                            f"{local_gpus}; lower --gpus-per-worker or --workers-per-trial")
-    fit = max(1, int(cores // (workers * cpus)))
-    if gpus:
-        fit = min(fit, int(local_gpus // (workers * gpus)))
+    cores, local_gpus = local_machine()
+    check_local_trial(workers, cpus, gpus, cores, local_gpus)  # the launcher checked it too
+    fit = local_concurrency(workers, cpus, gpus, cores, local_gpus)
     concurrent = args.max_concurrent or fit
-    num_cpus = max(int(math.ceil(concurrent * (DRIVER_CPUS + workers * cpus))), cores)
+    num_cpus = local_ray_cpus(concurrent, workers, cpus, cores)
     # Ray Train's placement-group cleaner finds its cluster through the State API, which gives
     # up when several Ray instances run on one machine ("Found multiple active Ray instances"),
     # and the placement groups of stopped trials are then never freed: the sweep hangs. So
@@ -157,6 +164,8 @@ def start_ray(args: argparse.Namespace,
     note = (f"local Ray on {cores} cores with {num_cpus} logical CPUs: each of "
             f"{concurrent} concurrent trials reserves {DRIVER_CPUS:g} CPU for its idle driver + "
             f"{workers}x{cpus:g} for its workers")
+    if concurrent > fit:
+        note += f" (--max-concurrent {concurrent} > the {fit} that fit: trials share cores)"
     return concurrent, note
 
 
@@ -172,6 +181,7 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
         custom_resources=plan.worker_resources, storage_path=f"{sweep_uri}/train",
         mlflow={"tracking_uri": tracking_uri, "experiment": args.experiment, "sweep": plan.name},
+        required_metrics=required_metrics(plan),
     )
     client = MlflowClient(tracking_uri)
     parent_params = {
@@ -250,8 +260,7 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
         except UNREACHABLE as exc:
             runs = f"MLflow is unreachable ({type(exc).__name__}), runs were not marked"
         print(f"\nsweep {plan.name} interrupted: its state is saved in {sweep_uri} and {runs}. "
-              f"Continue it with:\n"
-              f"  python -m ifsearch.launch --resume --name {plan.name} --space {args.space}",
+              f"Continue it with:\n  {resume_command(args, plan.name)}",
               flush=True)
         return 130
     return _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri, local_dir,
@@ -292,7 +301,8 @@ def _interrupted(sweep_uri: str, num_samples: int) -> bool:
 def _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri: str,
             local_dir: Path, ui_link: str) -> int:
     """Pick the best trial, write and log best_config.yaml, the trials CSV and plots."""
-    ok = [r for r in results if r.error is None and plan.metric in (r.metrics or {})]
+    ok = [r for r in results if r.error is None and plan.metric in (r.metrics or {})
+          and not r.metrics.get(DIVERGED)]
     if not ok:
         try:
             finish_parent_run(client, parent_run_id, status="FAILED")

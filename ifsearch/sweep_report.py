@@ -70,7 +70,7 @@ def study_from_results(results, plan) -> optuna.Study:
     study = optuna.create_study(direction="maximize" if plan.mode == "max" else "minimize")
     for result in results:
         value = (result.metrics or {}).get(plan.metric)
-        if result.error is not None or value is None:
+        if result.error is not None or value is None or result.metrics.get("diverged"):
             continue
         params = {k: v for k, v in result.config.items() if k in plan.space.params}
         try:

@@ -42,6 +42,8 @@ ROLE_TAG = "ifsearch.role"
 TRIAL_TAG = "ifsearch.trial_id"
 TRIAL_NUMBER_TAG = "ifsearch.trial_number"  # creation order: 1 = the first trial evaluated
 INTERRUPTED_TAG = "ifsearch.interrupted"  # on runs a SIGINT/SIGTERM left unfinished
+ERROR_TAG = "ifsearch.error"  # why a FAILED trial failed
+DIVERGED = "diverged"  # truthy in a trial's last result when its loss went non-finite
 # Where a trial's rank-0 Train worker ran (reported by trainables/ as worker_node_id/_host).
 WORKER_NODE_TAG = "ifsearch.worker_node_id"
 WORKER_HOST_TAG = "ifsearch.worker_host"
@@ -63,6 +65,7 @@ SHARED_VIEW_TAG = "mlflow.sharedViewState."
 # Seconds between two system-metric samples of a trial (MLflow's default, 10 s, gives a trial of
 # the demo only a few points); $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
 SYSTEM_METRICS_INTERVAL = 5.0
+EVERY_EPOCH = "epoch_seconds"  # a metric every epoch logs: its steps are the logged epochs
 # What an unreachable or failing server raises through MlflowClient.
 UNREACHABLE = (MlflowException, requests.exceptions.RequestException, ConnectionError)
 
@@ -293,9 +296,17 @@ class RunWriter:
             self.client.update_run(run_id, status="RUNNING")
 
     def _result(self, record: dict) -> None:
+        run_id = self.trial_run(record)
+        if record.get("backfill"):  # epochs before a restart that MLflow may lack
+            logged = {m.step for m in self.client.get_metric_history(run_id, EVERY_EPOCH)}
+            missing = [e for e in record["backfill"] if e["step"] not in logged]
+            for i, entry in enumerate(missing):  # time stamps just before this result's
+                stamp = record["timestamp"] - len(missing) + i
+                self.client.log_batch(run_id, metrics=[
+                    Metric(k, v, stamp, entry["step"]) for k, v in entry["metrics"].items()])
         metrics = [Metric(k, v, record["timestamp"], record["step"])
                    for k, v in record["metrics"].items()]
-        self.client.log_batch(self.trial_run(record), metrics=metrics,
+        self.client.log_batch(run_id, metrics=metrics,
                               tags=[RunTag(k, v) for k, v in record.get("tags", {}).items()])
 
     def _end(self, record: dict) -> None:
@@ -353,7 +364,9 @@ class MlflowTrialLogger(tune.Callback):
     """Nested MLflow run per trial: resolved config as params, per-epoch metrics, final status.
 
     Status: FINISHED when the trial ran all ``max_epochs``, KILLED when a scheduler stopped it
-    early, FAILED on error (with the reason as a tag). If the server cannot be reached, training
+    early, FAILED on error or divergence (with the reason in the ``ifsearch.error`` tag; a
+    diverged trial ends with a result flagged ``diverged``, see ``trainables/worker.py``, and
+    nothing is logged for its bad epoch). If the server cannot be reached, training
     is not disturbed: records go to ``spool_path`` (a warning says how to sync them), and while
     the server is down it is retried at most every ``retry_seconds``.
 
@@ -414,14 +427,14 @@ class MlflowTrialLogger(tune.Callback):
                     "config": config_to_dict(self.space.resolve(searched))})
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        metrics = {
-            key: float(value) for key, value in result.items()
-            if key not in NOT_METRICS and isinstance(value, (int, float))
-            and not isinstance(value, bool) and math.isfinite(value)
-        }
+        if result.get(DIVERGED):  # no metrics for the bad epoch; the end record says why
+            return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         record = {"kind": "result", "trial_id": trial.trial_id, "step": step,
-                  "timestamp": int(time.time() * 1000), "metrics": metrics}
+                  "timestamp": int(time.time() * 1000), "metrics": _metrics(result)}
+        backfill = _epochs_before_restart(result)
+        if backfill:
+            record["backfill"] = backfill
         node = result.get("worker_node_id")
         if node and self._worker_nodes.get(trial.trial_id) != node:  # first, or restarted
             self._worker_nodes[trial.trial_id] = node
@@ -431,6 +444,11 @@ class MlflowTrialLogger(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
+        if last.get(DIVERGED):
+            reason = str(last.get("error", "DivergenceError"))
+            self._send({"kind": "end", "trial_id": trial.trial_id, "status": "FAILED",
+                        "tags": {ERROR_TAG: reason[:5000]}})
+            return
         epochs = int(last.get("epoch", 0))
         status = "FINISHED" if epochs >= self.max_epochs else "KILLED"
         tags = {}
@@ -444,7 +462,7 @@ class MlflowTrialLogger(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         error_file = str(getattr(trial, "error_file", "") or "")
         tags = {"ifsearch.error_file": error_file[:MAX_PARAM_LENGTH],
-                "ifsearch.error": error_reason(error_file)[:5000]}
+                ERROR_TAG: error_reason(error_file)[:5000]}
         self._send({"kind": "end", "trial_id": trial.trial_id, "status": "FAILED", "tags": tags})
         self._progress(trials, trial)
 
@@ -468,6 +486,39 @@ class MlflowTrialLogger(tune.Callback):
         self._send({"kind": "progress", "trial_id": trial.trial_id, "step": len(finished),
                     "timestamp": int(time.time() * 1000),
                     "metrics": {metric: best, f"best_{metric}": best}})
+
+
+def _metrics(values: dict) -> dict[str, float]:
+    """The finite numbers of a result, without Tune's bookkeeping."""
+    return {key: float(value) for key, value in values.items()
+            if key not in NOT_METRICS and isinstance(value, (int, float))
+            and not isinstance(value, bool) and math.isfinite(value)}
+
+
+def _epochs_before_restart(result: dict) -> list[dict]:
+    """On the first result of a resumed process: every earlier epoch, from its checkpoint.
+
+    Train runs ahead of Tune (reports wait in a queue for the trial's Tune process), so when a
+    sweep is interrupted or a trial's process dies, the last epochs can be checkpointed without
+    ever reaching Tune, and the resumed process starts after them. The checkpoint of its first
+    epoch carries the run's whole ``metrics.jsonl``: those epochs go along with the result and
+    the writer logs the ones MLflow lacks, so every epoch is logged once and in order.
+    """
+    start, path = int(result.get("start_epoch", 1)), result.get("checkpoint_path")
+    if start <= 1 or result.get("epoch") != start or not path:
+        return []
+    from ray.train import Checkpoint
+
+    from ifsearch.train import METRICS_NAME
+
+    try:
+        with Checkpoint(path).as_directory() as directory:
+            lines = (Path(directory) / METRICS_NAME).read_text().splitlines()
+    except (OSError, ValueError):  # an unreadable checkpoint: log what Tune saw
+        return []
+    epochs = [json.loads(line) for line in lines if line.strip()]
+    return [{"step": int(e["epoch"]), "metrics": _metrics(e)} for e in epochs
+            if int(e["epoch"]) < start]
 
 
 def sync_spool(path: str | Path, tracking_uri: str | None = None) -> int:

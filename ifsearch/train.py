@@ -258,8 +258,17 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
                 outputs = ddp_model(inputs)
             parts = criterion(outputs, targets)
             loss = sum(parts.values())
-            # One host sync per step, for logging and the divergence check; the loss has none.
-            loss_value = loss.item()
+            # The step's one host sync (logging and the divergence check). With several ranks
+            # it reads the group's mean loss, so every rank sees a non-finite loss at the same
+            # step and they stop together: one rank leaving alone would hang the others in
+            # DDP's gradient all-reduce. (The Influencer criterion syncs nowhere; Hungarian
+            # matching copies its costs to the host.)
+            seen = loss.detach()
+            if distributed:
+                seen = seen.clone()
+                dist.all_reduce(seen)
+                seen /= world
+            loss_value = seen.item()
             if not math.isfinite(loss_value):
                 raise _divergence(parts, epoch, step, scheduler.get_last_lr()[0])
             optimizer.zero_grad(set_to_none=True)
@@ -271,7 +280,7 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
             sums["loss"] += loss_value
             for key, value in parts.items():
                 if not key[-1].isdigit():  # last-layer terms; aux copies end in _{i}
-                    sums[key] += value.item()
+                    sums[key] += value.detach()  # summed on the device: no host sync
             num_points += _num_points(inputs)
             if config.train.log_every and step % config.train.log_every == 0:
                 print(f"  epoch {epoch} step {step}/{steps_per_epoch} loss {loss_value:.4f}",
@@ -283,7 +292,7 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
             num_points = int(total.item())
 
         metrics = {"epoch": epoch}
-        metrics.update({f"train_{k}": v / steps_per_epoch for k, v in sums.items()})
+        metrics.update({f"train_{k}": float(v) / steps_per_epoch for k, v in sums.items()})
         metrics.update(evaluate(model, criterion, val_loader, config, device))
         metrics["lr"] = scheduler.get_last_lr()[0]
         metrics["epoch_seconds"] = time.perf_counter() - started
@@ -307,10 +316,12 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
 def _divergence(parts: dict, epoch: int, step: int, lr: float) -> DivergenceError:
     """The error for a non-finite loss, naming the terms that went bad and what to change."""
     bad = [k for k, v in parts.items() if not torch.isfinite(v).item()]
+    bad = bad or ["none on this rank (another rank's loss)"]
     return DivergenceError(
         f"training diverged: the loss is not finite at epoch {epoch}, step {step} (learning "
         f"rate {lr:.3g}; non-finite terms: {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}"
-        "); lower train.lr, keep train.grad_clip > 0, or check the loss weights"
+        "); lower train.lr, keep train.grad_clip > 0, or check the loss weights",
+        epoch=epoch, step=step,
     )
 
 

@@ -185,27 +185,69 @@ def test_invalid_arguments():
         MaskInfluencerLoss(temperature=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to detect host syncs")
-@pytest.mark.parametrize("mask_prob", ["sigmoid", "softmax"])
-@pytest.mark.parametrize("variant", [{}, {"mean": "arithmetic"},
-                                     {"spill_weight": 1.0, "duplicate_weight": 1.0}])
-def test_no_host_sync_on_gpu(mask_prob, variant):
-    x = torch.randn(1000, 16, device="cuda", requires_grad=True)
-    masks = torch.rand(5, 1000, device="cuda") > 0.7
-    loss = MaskInfluencerLoss(mask_prob=mask_prob, **variant)
-    criteria = [InfluencerCriterion(num_classes=3, mask_prob=mask_prob, class_target=rule,
-                                    **variant).cuda()
+# Every variant of the loss and every class-target rule of the criterion (the criterion adds the
+# class targets, built without a host sync).
+SYNC_VARIANTS = [{"mask_prob": "sigmoid"}, {"mask_prob": "softmax"},
+                 {"mask_prob": "softmax", "mean": "arithmetic"},
+                 {"mask_prob": "sigmoid", "spill_weight": 1.0, "duplicate_weight": 1.0}]
+
+
+def _sync_check_inputs(device, variant=None):
+    """Logits (N, M) = (1000, 16), instance masks (K, N) = (5, 1000), class logits and labels
+    on ``device``, built before the sync check starts (copying them to the GPU is itself a
+    sync), with the loss and the three criteria of ``variant``."""
+    variant = variant or {"mask_prob": "softmax"}
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1000, 16, generator=g).to(device).requires_grad_()
+    masks = (torch.rand(5, 1000, generator=g) > 0.7).to(device)
+    class_logits = torch.randn(1, 16, 4, generator=g).to(device).requires_grad_()
+    labels = torch.randint(0, 3, (5,), generator=g).to(device)
+    loss = MaskInfluencerLoss(**variant).to(device)
+    criteria = [InfluencerCriterion(num_classes=3, class_target=rule, **variant).to(device)
                 for rule in ("threshold", "best_query", "soft")]
-    outputs = {"pred_logits": torch.randn(1, 16, 4, device="cuda", requires_grad=True),
-               "pred_masks": [x]}
-    targets = [{"labels": torch.randint(0, 3, (5,), device="cuda"), "masks": masks}]
+    return logits, masks, class_logits, labels, loss, criteria
+
+
+def _loss_forward_backward(logits, masks, class_logits, labels, loss, criteria):
+    """What the GPU test watches: the loss's and the criteria's forward and backward."""
+    value = loss.forward_masks(logits, masks)["loss"]
+    value.backward()
+    outputs = {"pred_logits": class_logits, "pred_masks": [logits]}
+    targets = [{"labels": labels, "masks": masks}]
+    for criterion in criteria:
+        sum(criterion(outputs, targets).values()).backward()
+    return value.detach()
+
+
+@pytest.mark.parametrize("variant", SYNC_VARIANTS, ids=str)
+def test_sync_check_body_runs_on_cpu(variant):
+    """The GPU test's inputs and body, run where there is no GPU (so they stay correct)."""
+    logits, masks, class_logits, labels, loss, criteria = _sync_check_inputs("cpu", variant)
+    value = _loss_forward_backward(logits, masks, class_logits, labels, loss, criteria)
+    assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
+    assert logits.grad.abs().sum() > 0 and class_logits.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: torch.cuda.set_sync_debug_mode watches CUDA only")
+@pytest.mark.parametrize("variant", SYNC_VARIANTS, ids=str)
+def test_no_host_sync_on_gpu(variant):
+    """Forward + backward of the loss and the criteria never synchronise with the host: in sync
+    debug mode "error" any synchronising call raises (checked on a deliberate `.item()` first)."""
+    inputs = _sync_check_inputs("cuda", variant)
+    probe = torch.ones(1, device="cuda")
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss.forward_masks(x, masks)["loss"].backward()
-        for criterion in criteria:
-            sum(criterion(outputs, targets).values()).backward()
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            probe.item()  # the mode is on: a sync raises
+        value = _loss_forward_backward(*inputs)  # raises on any host sync
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    cpu_inputs = _sync_check_inputs("cpu", variant)
+    expected = _loss_forward_backward(*cpu_inputs)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-4)  # it ran, and right
+    assert torch.allclose(inputs[0].grad.cpu(), cpu_inputs[0].grad, rtol=1e-3, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------

@@ -2,21 +2,27 @@
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from ifsearch.config import load_config
 from ifsearch.errors import ConfigError
-from ifsearch.launch import build_parser, parse_worker_resources
+from ifsearch.launch import build_parser, parse_worker_resources, resume_command
 from ifsearch.launch import main as launch_main
 from ifsearch.tracking import (
+    ERROR_TAG,
     INTERRUPTED_TAG,
     ROLE_TAG,
     SWEEP_TAG,
@@ -68,6 +74,12 @@ def mlflow_server(mlflow_store):
     return mlflow_store[1]
 
 
+@dataclass
+class Launched:
+    output: str  # stdout and stderr together
+    pid: int  # the launcher's process id: Ray names its session folder after it
+
+
 def launch(tmp_path, uri, *extra, timeout=420, wait=True):
     space = tmp_path / "tiny_space.yaml"
     space.write_text(yaml.safe_dump(TINY_SPACE))
@@ -76,13 +88,17 @@ def launch(tmp_path, uri, *extra, timeout=420, wait=True):
            "--experiment", tmp_path.name, "--max-concurrent", "2", *extra]
     env = dict(os.environ, RAY_DEDUP_LOGS="0", IFSEARCH_TEST_SECRET=SECRET,
                AWS_SECRET_ACCESS_KEY=SECRET, MLFLOW_TRACKING_TOKEN=SECRET)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     if not wait:
-        return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=timeout)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    return run.stdout
+        return proc
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-8000:]
+    return Launched(output, proc.pid)
 
 
 def sweep_runs(uri, experiment, sweep):
@@ -94,13 +110,127 @@ def sweep_runs(uri, experiment, sweep):
     return client, parents, trials
 
 
+# -- Independent records of what happened, to compare MLflow with -----------------------------
+
+
+@dataclass
+class TuneTrial:
+    """One trial as Tune recorded it in the sweep's storage (not as our logger saw it)."""
+
+    status: str  # TERMINATED | ERROR | ...
+    results: pd.DataFrame  # every result Tune received from the trial (its result.json)
+    num_failures: int  # Tune's own count of the trial's failures (each one is a retry)
+
+
+def tune_trials(sweep_dir: Path) -> dict[str, TuneTrial]:
+    """Trial id -> Tune's record, read with Tune's ExperimentAnalysis."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(sweep_dir))
+    return {t.trial_id: TuneTrial(t.status, analysis.trial_dataframes[t.trial_id],
+                                  t.run_metadata.num_failures) for t in analysis.trials}
+
+
+def expected_mlflow_status(trial: TuneTrial, max_epochs: int) -> str:
+    """What MLflow must say, decided from Tune's records alone: ERROR, or TERMINATED with a last
+    result flagged `diverged` -> FAILED; TERMINATED having reached the last epoch -> FINISHED;
+    TERMINATED before it (a scheduler stopped it early) -> KILLED."""
+    if trial.status == "ERROR":
+        return "FAILED"
+    assert trial.status == "TERMINATED", trial.status
+    last = trial.results.iloc[-1].get("diverged")
+    if isinstance(last, (bool, np.bool_)) and last:
+        return "FAILED"
+    reached = max(tune_epochs(trial))
+    assert 1 <= reached <= max_epochs
+    return "FINISHED" if reached == max_epochs else "KILLED"
+
+
+OPTUNA_STATE = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL"}
+
+
+def assert_statuses_agree(client, trial_runs, tune: dict[str, TuneTrial], max_epochs: int,
+                          optuna_states: dict[str, str] | None = None) -> dict[str, str]:
+    """Every Tune trial has exactly one MLflow run, whose status Tune's record implies and
+    which logged the epochs Tune received; with ``optuna_states`` (trial id -> Optuna state
+    name) the searcher's study must agree too. Returns trial id -> status."""
+    by_trial = {r.data.tags[TRIAL_TAG]: r for r in trial_runs}
+    assert len(by_trial) == len(trial_runs), "a trial has two MLflow runs"
+    assert set(by_trial) == set(tune), (sorted(by_trial), sorted(tune))
+    statuses = {}
+    for trial_id, trial in tune.items():
+        expected = expected_mlflow_status(trial, max_epochs)
+        assert by_trial[trial_id].info.status == expected, (trial_id, trial.status, expected)
+        # Every epoch Tune received is logged, up to the last one it received.
+        epochs = tune_epochs(trial)
+        history = client.get_metric_history(by_trial[trial_id].info.run_id, "val_loss")
+        logged = {m.step for m in history}
+        assert set(epochs) <= logged and max(logged, default=0) == max(epochs, default=0), (
+            trial_id, sorted(logged), epochs)
+        if optuna_states is not None:
+            assert optuna_states[trial_id] == OPTUNA_STATE[expected], trial_id
+        statuses[trial_id] = expected
+    return statuses
+
+
+def tune_epochs(trial: TuneTrial) -> list[int]:
+    """The epochs a trial reported to Tune (a diverged trial's final result is no epoch).
+
+    After ``Tuner.restore`` a resumed trial's result files hold only the results since the
+    restore (seen with Ray 2.60), so this can miss a resumed trial's earlier epochs."""
+    results = trial.results
+    if "diverged" in results:
+        results = results[~results["diverged"].eq(True)]
+    return sorted(set(int(e) for e in results["epoch"]))
+
+
+def assert_epochs_logged_once(client, run, key="val_loss") -> list[int]:
+    """Every metric of the run has each epoch at most once (counted per step, so a re-logged
+    epoch is caught) and, in the order they were logged (time stamps), strictly increasing
+    epochs: after a restart logging continued, it did not start over. ``key``, logged every
+    epoch, has epochs 1..n without gaps. Returns those epochs."""
+    for name in run.data.metrics:
+        history = client.get_metric_history(run.info.run_id, name)
+        counts = Counter(m.step for m in history)
+        assert all(n == 1 for n in counts.values()), (name, sorted(counts.items()))
+        in_time = [m.step for m in sorted(history, key=lambda m: (m.timestamp, m.step))]
+        assert all(a < b for a, b in zip(in_time, in_time[1:])), (name, in_time)
+    epochs = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+    assert epochs == list(range(1, len(epochs) + 1)), (key, epochs)
+    return epochs
+
+
+def assert_no_config_repeated(trial_runs) -> None:
+    """No two trials of the sweep evaluated the same sampled parameters."""
+    searched = [tuple((k, r.data.params[k]) for k in sorted(
+        r.data.tags["ifsearch.searched"].split(","))) for r in trial_runs]
+    assert len(set(searched)) == len(searched), searched
+
+
+def ray_actor_processes(launcher_pid: int) -> Counter:
+    """How many processes of each actor class the sweep's local Ray started (Ray's own record:
+    each worker process's log file names its actor class). A restarted Train worker group, or
+    a trial Tune retried, adds processes: this counts attempts without asking our code."""
+    from ray._common.utils import get_default_ray_temp_dir
+
+    sessions = sorted(Path(get_default_ray_temp_dir()).glob(f"session_*_{launcher_pid}"))
+    assert sessions, f"no Ray session of process {launcher_pid}"
+    counts = Counter()
+    for log in (sessions[-1] / "logs").rglob("worker-*.out"):  # the newest: pids recycle
+        with open(log, errors="replace") as f:
+            head = [f.readline() for _ in range(4)]
+        counts.update({line.split(":")[2].strip() for line in head
+                       if line.startswith(":actor_name:")})
+    return counts
+
+
 @pytest.mark.slow
 def test_sweep_logs_to_mlflow_exports_and_warm_starts(tmp_path, mlflow_server):
     warm = tmp_path / "warm.yaml"
     warm_config = {k: dict(v) for k, v in TINY_SPACE["base"].items()}
     warm_config["train"].update({"lr": 0.01, "weight_decay": 7.0e-5})
     warm.write_text(yaml.safe_dump(warm_config))
-    out = launch(tmp_path, mlflow_server, "--name", "e2e", "--warm-start", str(warm))
+    out = launch(tmp_path, mlflow_server, "--name", "e2e", "--warm-start", str(warm)).output
     assert "best config:" in out and "MLflow UI:" in out
 
     client, parents, trials = sweep_runs(mlflow_server, tmp_path.name, "e2e")
@@ -113,20 +243,18 @@ def test_sweep_logs_to_mlflow_exports_and_warm_starts(tmp_path, mlflow_server):
     plots = {f.path for f in client.list_artifacts(parent.info.run_id, "plots")}
     assert "plots/val_loss_vs_epoch.png" in plots
 
-    statuses = {}
+    # Statuses and epochs as Tune recorded them: ASHA's early stops are KILLED, full trials
+    # FINISHED, and each run has every epoch its trial reported.
+    tune = tune_trials(tmp_path / "sweeps" / "e2e")
+    statuses = assert_statuses_agree(client, trials, tune, max_epochs=4)
+    assert "KILLED" in statuses.values(), "ASHA stopped no trial early"
+    assert all(t.num_failures == 0 for t in tune.values())
     for run in trials:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.params["train.lr"] and run.data.params["loss.name"] == "influencer"
         assert "training_iteration" not in run.data.metrics  # no Tune bookkeeping
         assert len(run.data.tags[WORKER_NODE_TAG]) > 20 and run.data.tags[WORKER_HOST_TAG]
-        history = client.get_metric_history(run.info.run_id, "val_loss")
-        epochs = [m.step for m in history]
-        assert epochs == list(range(1, len(epochs) + 1))
-        # FINISHED when all 4 epochs ran, KILLED when ASHA stopped the trial early.
-        expected = "FINISHED" if len(epochs) == 4 else "KILLED"
-        assert run.info.status == expected
-        statuses[run.data.tags[TRIAL_TAG]] = expected
-    assert "KILLED" in statuses.values(), "ASHA stopped no trial early"
+        assert_epochs_logged_once(client, run)
 
     # Warm start: the given config is the first trial evaluated.
     assert sorted(r.data.tags[TRIAL_NUMBER_TAG] for r in trials) == ["1", "2", "3", "4"]
@@ -169,19 +297,24 @@ def test_sweep_logs_to_mlflow_exports_and_warm_starts(tmp_path, mlflow_server):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_sweep_resumes_without_duplicates(tmp_path, mlflow_server, sig):
-    proc = launch(tmp_path, mlflow_server, "--name", "resumable", wait=False)
+    epochs = 8
+    proc = launch(tmp_path, mlflow_server, "--name", "resumable", "--scheduler", "fifo",
+                  "--max-epochs", str(epochs), wait=False)
     client = MlflowClient(mlflow_server)
-    deadline = time.time() + 300
+    deadline, ready = time.time() + 300, False
     try:
-        while time.time() < deadline:  # interrupt once some but not all trials are done
+        # Interrupt once a trial is done and another is mid-training (1-2 of its 8 epochs
+        # logged, so a checkpoint exists and epochs are left when the signal lands).
+        while time.time() < deadline and not ready:
             exp = client.get_experiment_by_name(tmp_path.name)
-            done = [] if exp is None else client.search_runs(
-                [exp.experiment_id],
-                filter_string=f"tags.`{ROLE_TAG}` = 'trial' and attributes.status != 'RUNNING'")
-            if done:
-                break
-            time.sleep(1)
-        assert done, "no trial finished in time"
+            runs = [] if exp is None else client.search_runs(
+                [exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
+            done = [r for r in runs if r.info.status != "RUNNING"]
+            midway = [r for r in runs if r.info.status == "RUNNING" and 1 <= len(
+                client.get_metric_history(r.info.run_id, "val_loss")) <= 2]
+            ready = bool(done and midway)
+            time.sleep(0.5)
+        assert ready, "no moment with a finished trial and one mid-training"
         if sig == signal.SIGINT:  # Ctrl+C reaches the whole foreground process group
             os.killpg(proc.pid, sig)
         else:  # `kill` or a batch scheduler signals the launcher
@@ -191,38 +324,59 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, mlflow_server, s
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, output[-3000:]
-    assert "--resume --name resumable" in output
+    printed = [line.strip() for line in output.splitlines()
+               if line.strip().startswith("python -m ifsearch.launch --resume --name resumable")]
+    assert printed, output[-3000:]
     _, parents, before = sweep_runs(mlflow_server, tmp_path.name, "resumable")
     # Nothing is left RUNNING: the parent and the unfinished trials are KILLED + interrupted.
     assert all(r.info.status != "RUNNING" for r in parents + before)
     assert parents[0].info.status == "KILLED"
     assert parents[0].data.tags[INTERRUPTED_TAG] == "true"
+    # Interrupted trials that had logged epochs (and so had checkpoints) must resume them.
+    cut = {r.data.tags[TRIAL_TAG]: len(client.get_metric_history(r.info.run_id, "val_loss"))
+           for r in before if INTERRUPTED_TAG in r.data.tags and r.data.tags[ROLE_TAG] == "trial"}
+    assert any(cut.values()), "no interrupted trial had logged an epoch"
 
-    out = launch(tmp_path, mlflow_server, "--resume", "--name", "resumable")
+    # The printed command repeats the budget and every option: Tune does not restore those.
+    out = launch(tmp_path, mlflow_server, *shlex.split(printed[-1])[3:]).output
     assert "resuming sweep resumable" in out
-    _, parents, trials = sweep_runs(mlflow_server, tmp_path.name, "resumable")
+    client, parents, trials = sweep_runs(mlflow_server, tmp_path.name, "resumable")
     trial_ids = [r.data.tags[TRIAL_TAG] for r in trials]
     assert len(parents) == 1
     assert len(trial_ids) == len(set(trial_ids)) == 4  # no trial ran twice, none was lost
-    assert all(r.info.status in ("FINISHED", "KILLED") for r in trials)
     assert parents[0].info.status == "FINISHED"
     assert not any(INTERRUPTED_TAG in r.data.tags for r in parents + trials)
-    # The searcher state survived: the resumed sweep sampled only the missing trials.
-    configs = {(r.data.params["train.lr"], r.data.params["train.weight_decay"]) for r in trials}
-    assert len(configs) == 4
-    # So did the Optuna study: resumed trials kept their Optuna trial and its epochs went on.
+    # The Optuna study survived too: resumed trials kept their Optuna trial, their epochs went
+    # on, and its states agree with Tune's record and MLflow.
     import optuna
 
     study = optuna.load_study(study_name="resumable", storage="sqlite:///"
                               f"{tmp_path / 'sweeps' / 'resumable' / 'optuna.db'}")
     by_tune_id = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
     assert sorted(by_tune_id) == sorted(trial_ids)
+    assert sorted(t.number for t in study.trials) == list(range(len(trial_ids)))
+    assert_statuses_agree(client, trials, tune_trials(tmp_path / "sweeps" / "resumable"),
+                          max_epochs=epochs,
+                          optuna_states={k: t.state.name for k, t in by_tune_id.items()})
+    resumed = 0
     for run in trials:
-        steps = {m.step for m in client.get_metric_history(run.info.run_id, "val_loss")}
+        logged = assert_epochs_logged_once(client, run)
         optuna_trial = by_tune_id[run.data.tags[TRIAL_TAG]]
-        assert sorted(optuna_trial.intermediate_values) == sorted(steps)
-        assert optuna_trial.state.name == {"FINISHED": "COMPLETE",
-                                           "KILLED": "PRUNED"}[run.info.status]
+        # Epochs checkpointed but never received by Tune before the interruption reach MLflow
+        # from the checkpoint (tracking), not the searcher: Optuna may lack those, no others.
+        steps = sorted(optuna_trial.intermediate_values)
+        assert set(steps) <= set(logged) and steps[-1] == logged[-1], (steps, logged)
+        logged_before = cut.get(run.data.tags[TRIAL_TAG], 0)
+        if logged_before and len(logged) > logged_before:  # it trained again after --resume
+            starts = [m.value for m in client.get_metric_history(run.info.run_id,
+                                                                 "start_epoch")]
+            # The resumed process started from its checkpoint, not at epoch 1 (epochs it
+            # had checkpointed but Tune never received are logged from that checkpoint).
+            assert max(starts) > 1, (starts, logged_before)
+            resumed += 1
+    assert resumed, "no interrupted trial trained again after --resume"
+    # The searcher did not suggest a config twice.
+    assert_no_config_repeated(trials)
 
 
 def test_bad_space_fails_before_ray_starts(tmp_path):
@@ -281,6 +435,17 @@ def test_bad_cluster_options_fail_before_ray_starts(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "runs").exists()
 
 
+def test_resume_command_repeats_every_option_given():
+    argv = ["--space", "my space.yaml", "--max-epochs", "8", "--num-samples", "3",
+            "--set", "data.num_points=64", "--set", "model.embed_dim=8", "--scheduler", "fifo",
+            "--cpus-per-worker", "0.5", "--storage", "/tmp/s", "--experiment", "e", "--name", "n"]
+    args = build_parser().parse_args(argv)
+    words = shlex.split(resume_command(args, "n"))
+    assert words[:6] == ["python", "-m", "ifsearch.launch", "--resume", "--name", "n"]
+    again = build_parser().parse_args(words[3:])
+    assert again.resume and vars(again) == {**vars(args), "resume": True}
+
+
 def test_help_explains_every_option():
     text = build_parser().format_help()
     for option in ("--space", "--num-samples", "--max-concurrent", "--scheduler", "--searcher",
@@ -312,25 +477,38 @@ def test_every_searcher_and_scheduler_builds(tmp_path, searcher, scheduler):
 
 
 @pytest.mark.slow
-def test_diverging_trial_fails_alone_with_its_reason(tmp_path, mlflow_server):
-    """A trial whose loss turns NaN is failed (not retried into garbage), says why in MLflow,
-    and neither crashes the sweep nor becomes the best config."""
+def test_diverging_trial_fails_once_without_retries(tmp_path, mlflow_server):
+    """A trial whose loss turns NaN fails once: Train does not restart its workers and Tune
+    does not retry it (Ray's records of processes and failures say so), MLflow says FAILED
+    with the reason, and it neither crashes the sweep nor becomes the best config."""
     diverging = tmp_path / "diverging.yaml"
     config = {k: dict(v) for k, v in TINY_SPACE["base"].items()}
     config["train"].update({"lr": 1.0e30, "weight_decay": 0.0})
     diverging.write_text(yaml.safe_dump(config))
-    launch(tmp_path, mlflow_server, "--name", "nan", "--warm-start", str(diverging),
-           "--num-samples", "2", "--max-epochs", "2", "--scheduler", "fifo")
+    sweep = launch(tmp_path, mlflow_server, "--name", "nan", "--warm-start", str(diverging),
+                   "--num-samples", "2", "--max-epochs", "2", "--scheduler", "fifo")
 
-    _, parents, trials = sweep_runs(mlflow_server, tmp_path.name, "nan")
+    client, parents, trials = sweep_runs(mlflow_server, tmp_path.name, "nan")
     by_number = {int(r.data.tags[TRIAL_NUMBER_TAG]): r for r in trials}
     failed, healthy = by_number[1], by_number[2]
     assert failed.info.status == "FAILED"
-    assert "DivergenceError: training diverged" in failed.data.tags["ifsearch.error"]
+    assert "DivergenceError: training diverged" in failed.data.tags[ERROR_TAG]
+    assert "val_loss" not in failed.data.metrics  # nothing recorded for the bad epoch
     assert healthy.info.status == "FINISHED"
     assert parents[0].info.status == "FINISHED"
     best = load_config(tmp_path / "sweeps" / "nan" / "best_config.yaml")
     assert best.train.lr == pytest.approx(float(healthy.data.params["train.lr"]))
+
+    # One attempt per trial: one trial process and one Train worker process (one train_loop
+    # run) per trial, and no failure in Tune's books; a retried divergence starts more.
+    tune = tune_trials(tmp_path / "sweeps" / "nan")
+    processes = ray_actor_processes(sweep.pid)
+    assert (processes["ImplicitFunc"], processes["RayTrainWorker"]) == (2, 2), processes
+    assert [t.num_failures for t in tune.values()] == [0, 0]
+    assert_statuses_agree(client, trials, tune, max_epochs=2)
+    diverged = tune[failed.data.tags[TRIAL_TAG]]
+    assert diverged.status == "TERMINATED" and diverged.results["diverged"].iloc[-1]
+    assert "DivergenceError" in diverged.results["error"].iloc[-1]
 
 
 @pytest.mark.slow
@@ -372,10 +550,10 @@ def test_mlflow_outage_mid_sweep_is_spooled_and_synced(tmp_path):
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
         assert "best_config.yaml" in {f.path for f in client.list_artifacts(parents[0].info.run_id)}
         assert len(trials) == 4
-        for run in trials:
-            assert run.info.status in ("FINISHED", "KILLED")
-            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
-            assert sorted(steps) == list(range(1, len(steps) + 1)) and steps  # none lost or doubled
+        assert_statuses_agree(client, trials, tune_trials(tmp_path / "sweeps" / "outage"),
+                              max_epochs=4)
+        for run in trials:  # none lost or doubled, in order
+            assert assert_epochs_logged_once(client, run)
     finally:
         stop_local_server(root)
 
@@ -417,11 +595,22 @@ def test_killed_process_resumes_the_trial_from_its_checkpoint(tmp_path, mlflow_s
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, output[-4000:]
     run = client.get_run(run.info.run_id)
-    assert run.info.status == "FINISHED"
-    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
-    assert steps[-1] == epochs and set(steps) == set(range(1, epochs + 1))
+    tune = tune_trials(tmp_path / "sweeps" / "faulty")
+    assert assert_statuses_agree(client, [run], tune, max_epochs=epochs) == {
+        run.data.tags[TRIAL_TAG]: "FINISHED"}
+    assert assert_epochs_logged_once(client, run) == list(range(1, epochs + 1))
     resumed = [m.value for m in client.get_metric_history(run.info.run_id, "start_epoch")]
     assert max(resumed) > 1, "the trial started over instead of resuming its checkpoint"
+    # The fault was retried by the layer that owns it: a new Train worker group, and for a
+    # dead trial process also a Tune retry (Ray's records, not ours).
+    processes = ray_actor_processes(proc.pid)
+    trial = next(iter(tune.values()))
+    if victim == "ray::RayTrainWorker":
+        assert (processes["ImplicitFunc"], processes["RayTrainWorker"]) == (1, 2), processes
+        assert trial.num_failures == 0
+    else:
+        assert (processes["ImplicitFunc"], processes["RayTrainWorker"]) == (2, 2), processes
+        assert trial.num_failures == 1
 
 
 @pytest.mark.slow

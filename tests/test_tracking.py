@@ -23,3 +23,36 @@ def test_error_reason_prefers_the_ifsearch_error(tmp_path):
     path.write_text(RAY_ERROR.split("[Rank 0]")[0])
     assert error_reason(str(path)).startswith("ray.train.WorkerGroupError: Training failed")
     assert error_reason(str(tmp_path / "missing.txt")) == "unknown (no error file)"
+
+
+def test_epochs_a_restart_skipped_are_logged_once_and_in_order(tmp_path):
+    """Train checkpointed epochs 2 and 3 but Tune only received epoch 1 before the sweep was
+    interrupted; the resumed process starts at 4. Its first result brings 2 and 3 from its
+    checkpoint, logged just before 4; epoch 1 is not logged again."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from ifsearch.tracking import RunWriter, _epochs_before_restart
+
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    lines = [{"epoch": e, "val_loss": 10.0 - e, "epoch_seconds": 1.0, "start_epoch": 1}
+             for e in (1, 2, 3)] + [{"epoch": 4, "val_loss": 6.0, "epoch_seconds": 1.0,
+                                     "start_epoch": 4}]
+    (checkpoint / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    result = {**lines[-1], "checkpoint_path": str(checkpoint), "trial_id": "t"}
+    backfill = _epochs_before_restart(result)
+    assert [e["step"] for e in backfill] == [1, 2, 3]
+    assert _epochs_before_restart({**result, "start_epoch": 1}) == []  # not a resumed process
+    assert _epochs_before_restart({**result, "epoch": 5}) == []  # not its first result
+
+    writer = RunWriter(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"), "exp")
+    base = {"kind": "result", "sweep": "s", "trial_id": "t"}
+    writer.apply({**base, "step": 1, "timestamp": 1000, "metrics": {"val_loss": 9.0,
+                                                                     "epoch_seconds": 1.0}})
+    writer.apply({**base, "step": 4, "timestamp": 5000, "backfill": backfill,
+                  "metrics": {"val_loss": 6.0, "epoch_seconds": 1.0}})
+    history = writer.client.get_metric_history(writer.runs["t"], "val_loss")
+    in_time = sorted(history, key=lambda m: m.timestamp)
+    assert [(m.step, m.value) for m in in_time] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0)]

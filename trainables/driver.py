@@ -30,6 +30,8 @@ class TrialSettings:
         mlflow: ``{"tracking_uri", "experiment", "sweep"}``: the rank-0 worker logs system
             metrics into the trial's MLflow run (``ifsearch.tracking.system_metrics``); None
             logs none.
+        required_metrics: result keys Tune requires in every result (the searcher's and the
+            scheduler's metrics); a diverged trial's final result sets them to NaN.
     """
 
     space: SearchSpace
@@ -40,6 +42,7 @@ class TrialSettings:
     storage_path: str | None = None
     max_failures: int = 1
     mlflow: dict[str, str] | None = None
+    required_metrics: tuple[str, ...] = ()
 
 
 def train_driver_fn(sampled: dict, settings: TrialSettings) -> None:
@@ -56,7 +59,8 @@ def train_driver_fn(sampled: dict, settings: TrialSettings) -> None:
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": config_to_dict(config), "trial_id": trial_id,
-                           "mlflow": settings.mlflow},
+                           "mlflow": settings.mlflow,
+                           "required_metrics": list(settings.required_metrics)},
         scaling_config=ScalingConfig(
             num_workers=settings.num_workers,
             use_gpu=settings.gpus_per_worker > 0,

@@ -1,12 +1,40 @@
-"""Each Ray Train worker: rebuild the config, restore the latest checkpoint, run ``train_loop``."""
+"""Each Ray Train worker: rebuild the config, restore the latest checkpoint, run ``train_loop``.
+
+A diverging trial fails once, without retries. Ray has no per-exception retry filter: Train V2
+restarts the worker group on any worker error (``FailureConfig.max_failures``) and Tune restarts
+the trial on any trial error (its own ``max_failures``), and each retry would resume the same
+checkpoint and reproduce the same NaN. So ``DivergenceError`` is not raised through Ray: the
+workers catch it and end the run normally with one last result that says so:
+
+- ``diverged: True`` and ``error: "DivergenceError: <reason>"``: the MLflow logger marks the run
+  FAILED with the reason in its ``ifsearch.error`` tag, and ifsearch's searcher tells Optuna
+  FAIL (Ray's stock ``OptunaSearch`` cannot: it tells COMPLETE with NaN, which Optuna refuses
+  with a logged warning, leaving the Optuna trial RUNNING);
+- every metric Tune requires in a result (the searcher's and the scheduler's, passed in as
+  ``required_metrics``) set to NaN, so Tune's strict metric check passes and nothing can rank
+  the trial (``get_best_result(filter_nan_and_inf=True)``, the median rule, ASHA's NaN-aware
+  percentile);
+- ``epoch`` = the last completed epoch: no progress, so ASHA records no new rung value (the
+  trial's rungs up to that epoch are already recorded) and the MLflow logger logs no step for
+  the bad epoch.
+
+Tune then shows the trial TERMINATED (not ERROR) with that last result. Every other error (a
+killed worker, a bug) still propagates and keeps Train's and Tune's retries.
+
+Ranks agree on divergence: ``train_loop`` checks the group's mean loss (one all-reduce, no extra
+host sync), so all ranks raise at the same step and each makes the same final report, which Ray
+requires of every rank.
+"""
 
 from __future__ import annotations
 
+import math
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
 from ifsearch.config import config_from_dict
+from ifsearch.errors import DivergenceError
 from ifsearch.train import CHECKPOINT_NAME, METRICS_NAME, train_loop
 from trainables import ray_report
 
@@ -16,7 +44,8 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
 
     Args:
         train_loop_config: ``{"config": <nested config dict>, "trial_id": str,
-            "mlflow": TrialSettings.mlflow}``.
+            "mlflow": TrialSettings.mlflow, "required_metrics": [str, ...]}`` (the last:
+            result keys Tune requires).
     """
     config = config_from_dict(train_loop_config["config"], source="trial config")
     rank = ray_report.worker_rank()
@@ -43,4 +72,18 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
 
             monitor = system_metrics(train_loop_config["mlflow"], train_loop_config["trial_id"])
         with monitor:
-            train_loop(config, report=report)
+            try:
+                train_loop(config, report=report)
+            except DivergenceError as exc:  # not retried: see the module docstring
+                result = divergence_result(exc, train_loop_config.get("required_metrics", ()))
+                ray_report.report_epoch({**result, **location}, None)
+
+
+def divergence_result(exc: DivergenceError, required_metrics) -> dict:
+    """The final result of a diverged trial: flagged, with the reason, ranking nowhere."""
+    return {
+        **{name: math.nan for name in required_metrics},
+        "epoch": max((exc.epoch or 1) - 1, 0),  # the last completed epoch
+        "diverged": True,  # ifsearch.tracking.DIVERGED; the searcher tells Optuna FAIL
+        "error": f"DivergenceError: {exc}",
+    }
