@@ -6,6 +6,7 @@ The sweep-level proof (Tune's records, Ray's worker processes, MLflow) is
 
 import math
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch.multiprocessing as mp
 
 from ifsearch.config import config_from_dict
 from ifsearch.errors import DivergenceError
+from ifsearch.search_space import load_search_space
 from ifsearch.tracking import ERROR_TAG, MlflowTrialLogger
 from trainables.worker import divergence_result
 
@@ -106,7 +108,9 @@ class _Trial:
 
 
 def test_logger_marks_a_diverged_trial_failed_and_logs_nothing_for_its_bad_epoch(tmp_path):
-    logger = MlflowTrialLogger("http://127.0.0.1:9", "exp", "sweep", space=None, max_epochs=4,
+    space = load_search_space(Path(__file__).parents[1] / "search_spaces"
+                              / "influencer_default.yaml")
+    logger = MlflowTrialLogger("http://127.0.0.1:9", "exp", "sweep", space=space, max_epochs=4,
                                spool_path=tmp_path / "spool.jsonl")
     sent = []
     logger._send = sent.append  # the records it would write to MLflow or the spool
