@@ -1,28 +1,48 @@
-"""Search efficiency: TPE + ASHA vs random + FIFO at the same compute budget (trial-epochs).
+"""Search efficiency: at one wall-clock budget, how soon does each search find a good config?
 
-Runs real sweeps with the launcher (``python -m ifsearch.launch`` as a subprocess, its own local
-Ray, MLflow in a sqlite file of a scratch folder) and reads every trial's per-epoch results back
-from the Tune experiment folder (``<storage>/<name>/<trial>/result.json``).
+Three arms, each a real sweep (``python -m ifsearch.launch`` as a subprocess, its own local Ray,
+MLflow in a sqlite file of the work folder), on the same space, data and trial budget:
 
-Budget B trial-epochs (one epoch of one trial = one unit): random + FIFO runs B / max_epochs full
-trials. TPE + ASHA gets enough samples to spend B even if ASHA stopped every trial at its first
-rung (B / grace_period); the benchmark stops that sweep (SIGINT: Tune saves its state and the
-launcher finishes normally) once B epochs have been reported, and both histories are cut at the
-same point: all epoch reports of a sweep, ordered by wall-clock time, first B kept. Reported per
-sweep: best val AP50 within the budget; the budget at which the best-so-far first reaches 90 % of
-that best; and each trial's start-up overhead from Ray's own clocks (see ``read_sweep``).
+* **random + FIFO**: random configurations, every trial trained to ``max_epochs``;
+* **TPE + ASHA, Ray's OptunaSearch** (``--searcher-impl ray``): the behaviour before ifsearch had
+  its own searcher; a trial ASHA stops is told to Optuna as COMPLETE with its truncated value;
+* **TPE + ASHA, ifsearch's searcher** (the default): the stopped trial is told PRUNED, with its
+  intermediate values, so TPE ranks it after the finished ones.
 
-    python benchmarks/search_efficiency.py                 # 2 seeds, B=48: ~13 min on 2 cores
-    python benchmarks/search_efficiency.py --quick         # 1 seed, B=24: ~4 min
-    python benchmarks/search_efficiency.py --smoke-test    # 2 trials x 1 epoch each, tiny data
+Equal wall-clock: every sweep runs for ``W`` seconds from the moment its launcher starts (Ray's
+start-up included: a user pays it), is then interrupted (SIGINT: Tune saves its state, the
+launcher exits), and every epoch report is read back with its wall-clock time (``read_sweep``).
+Each sweep gets more trials than can start in ``W`` (``NUM_SAMPLES``), so none runs out early.
+The incumbent at time t is the best objective any epoch report made before t (a checkpointed
+model one could keep). Reported: the incumbent vs wall-clock (mean and min..max over searcher
+seeds, a plot), and the wall-clock each arm needs to reach random + FIFO's final best (per seed,
+and on the mean curves); plus whether ASHA's rungs were trustworthy (``rung_trust``) and what
+each searcher told Optuna (the sweep's ``optuna.db``).
+
+Goal (issue 13): ifsearch's TPE + ASHA reaches random + FIFO's final best in <= 50 % of the
+wall-clock random + FIFO needs. The section says whether it was met, generated from the numbers.
+
+    python benchmarks/search_efficiency.py                # 5 seeds x 3 arms x 6 min: ~1.6 h
+    python benchmarks/search_efficiency.py --quick        # 2 seeds x 3 arms x 2 min: ~14 min
+    python benchmarks/search_efficiency.py --smoke-test   # 1 seed x 3 arms x 60 s, tiny scenes
+    python benchmarks/search_efficiency.py --report-only  # rebuild the section from --workdir
+
+Sweeps run one at a time (arms interleaved seed by seed, so a change of the machine's load does
+not fall on one arm only). Resumable: a finished (arm, seed) sweep is recorded in
+``<workdir>/<sweep>.json`` and skipped by a rerun; one interrupted midway is set aside and run
+again from its start (a wall-clock budget cannot be resumed). Only the full mode writes
+docs/benchmarks.md and docs/img/; --quick writes into its work folder, --smoke-test into a
+temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -30,8 +50,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -44,12 +64,61 @@ from launcher import end_launcher, launcher_env  # noqa: E402
 from report import DOCS, IMAGES, markdown_table, save_figure, write_section  # noqa: E402
 
 SECTION = "search_efficiency"
-TITLE = "Search efficiency: TPE + ASHA vs random + FIFO"
+TITLE = "Search efficiency: TPE + ASHA vs random + FIFO at equal wall-clock"
+# The space users start from (README, `make demo`): the search a user runs by default, on scenes
+# small enough that a trial takes seconds, so a 6-minute sweep tries tens of configurations.
 DEFAULT_SPACE = REPO / "search_spaces" / "influencer_default.yaml"
-STRATEGIES = (("random", "fifo"), ("tpe", "asha"))
-LABELS = {("random", "fifo"): "random + FIFO", ("tpe", "asha"): "TPE + ASHA"}
-SMOKE_SETS = ["data.num_points=256", "data.train_scenes=8", "data.val_scenes=4"]
-REACH = 0.9  # "reached" = best-so-far >= 90 % of the final best within the budget
+IMAGE = "search_efficiency.png"
+SMOKE_SETS = ("data.num_points=256", "data.train_scenes=8", "data.val_scenes=4")
+# More trials than can start in any budget here (a trial takes seconds at least): the sweep is
+# stopped by the clock, never by running out of trials.
+NUM_SAMPLES = 10_000
+END_S = 20.0  # seconds to stop a launcher and its Ray after W (for the time estimate only)
+GOAL_RATIO = 0.5  # issue 13: ifsearch's TPE + ASHA needs <= 50 % of random + FIFO's wall-clock
+
+
+@dataclass(frozen=True)
+class Arm:
+    key: str  # the sweep names' prefix
+    label: str
+    searcher: str  # --searcher
+    scheduler: str  # --scheduler
+    impl: str  # --searcher-impl
+
+
+ARMS = (
+    Arm("random-fifo", "random + FIFO", "random", "fifo", "ifsearch"),
+    Arm("tpe-asha-ray", "TPE + ASHA, Ray's OptunaSearch", "tpe", "asha", "ray"),
+    Arm("tpe-asha-ifsearch", "TPE + ASHA, ifsearch's searcher", "tpe", "asha", "ifsearch"),
+)
+BASELINE, GOAL_ARM = ARMS[0], ARMS[2]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What one mode runs: the budget W per sweep, the searcher seeds, the trial budget."""
+
+    wall_s: float
+    seeds: tuple[int, ...]
+    max_epochs: int | None = None  # None: the space's budget.max_epochs
+    grace_period: int | None = None  # None: the space's budget.grace_period
+    sets: tuple[str, ...] = ()
+
+
+MODES = {
+    # 3 arms x 5 seeds x (6 min + ~20 s to stop): ~1.6 h on 2 cores.
+    "full": Mode(360.0, (0, 1, 2, 3, 4)),
+    "quick": Mode(120.0, (0, 1)),
+    # 3 epochs with a rung at 1 and 2, so ASHA stops trials even in a minute.
+    "smoke": Mode(60.0, (0,), max_epochs=3, grace_period=1, sets=SMOKE_SETS),
+}
+
+
+class BenchmarkError(Exception):
+    """Something the user must fix before the benchmark can go on (the message says what)."""
+
+
+# ---------------------------------------------------------------------------- reading sweeps
 
 
 @dataclass
@@ -61,6 +130,7 @@ class Report:
     value: float
     time: float  # wall-clock seconds (epoch time) when Tune received it
     seconds: float = 0.0  # the epoch's own epoch_seconds (training + validation)
+    values: dict[str, float] = field(default_factory=dict)  # the other metrics read
 
 
 @dataclass
@@ -70,21 +140,6 @@ class TrialInfo:
     first_report_s: float  # trial start -> first epoch report (Ray's trainable clock)
     startup_s: float  # first_report_s minus the first epoch's own epoch_seconds
     reports: list[Report] = field(default_factory=list)
-
-
-@dataclass
-class SweepResult:
-    searcher: str
-    scheduler: str
-    seed: int
-    name: str
-    wall_s: float
-    trials: list[TrialInfo]
-    stopped_at_budget: bool = False
-
-    @property
-    def label(self) -> str:
-        return LABELS.get((self.searcher, self.scheduler), f"{self.searcher} + {self.scheduler}")
 
 
 def _trial_start_times(sweep_dir: Path) -> dict[str, float]:
@@ -104,7 +159,8 @@ def _trial_start_times(sweep_dir: Path) -> dict[str, float]:
         return {}
 
 
-def read_sweep(sweep_dir: Path, metric: str = "AP50") -> list[TrialInfo]:
+def read_sweep(sweep_dir: Path, metric: str = "AP50",
+               extra: Sequence[str] = ()) -> list[TrialInfo]:
     """Every trial of a Tune experiment folder with its epoch reports, ordered by start time.
 
     Clocks (all Ray's own): Tune sets a trial's ``start_time`` when the trial's actor is up and
@@ -115,7 +171,7 @@ def read_sweep(sweep_dir: Path, metric: str = "AP50") -> list[TrialInfo]:
     Time to first report = ``time_total_s`` of the first result; start-up overhead = that minus
     the first epoch's own ``epoch_seconds`` (training + validation inside ``train_loop``), i.e.
     Ray Train's controller and worker start-up, process group, data and model build, and the
-    checkpoint report.
+    checkpoint report. ``extra`` metrics are kept in each report's ``values`` when present.
     """
     starts = _trial_start_times(sweep_dir)
     trials = []
@@ -132,358 +188,692 @@ def read_sweep(sweep_dir: Path, metric: str = "AP50") -> list[TrialInfo]:
             startup_s=first["time_total_s"] - first.get("epoch_seconds", 0.0),
         )
         info.reports = [Report(trial_id, int(r["epoch"]), float(r[metric]),
-                               start + r["time_total_s"], float(r.get("epoch_seconds", 0.0)))
+                               start + r["time_total_s"], float(r.get("epoch_seconds", 0.0)),
+                               {m: float(r[m]) for m in extra if r.get(m) is not None})
                         for r in rows]
         trials.append(info)
     return sorted(trials, key=lambda t: t.start)
 
 
-def budget_curve(trials: list[TrialInfo], budget: int) -> list[tuple[int, float, Report]]:
-    """(cumulative trial-epochs, best-so-far, report) for the first ``budget`` reports by time."""
-    reports = sorted((r for t in trials for r in t.reports), key=lambda r: r.time)[:budget]
-    curve, best = [], -math.inf
-    for used, report in enumerate(reports, start=1):
-        best = max(best, report.value)
-        curve.append((used, best, report))
+def told_states(sweep_dir: Path, name: str, max_epochs: int) -> dict[str, int]:
+    """What the searcher told Optuna, from the sweep's own study (``optuna.db``).
+
+    ``COMPLETE`` counts trials told finished, ``truncated`` those of them whose last
+    intermediate step is below ``max_epochs`` (stopped early yet told COMPLETE: Ray's
+    OptunaSearch); RUNNING ones were still training when the budget ran out.
+    """
+    import optuna
+
+    path = sweep_dir / "optuna.db"
+    if not path.exists():
+        return {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{path}")
+    except KeyError:
+        return {}
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+        if trial.state.name == "COMPLETE" and \
+                max(trial.intermediate_values, default=max_epochs) < max_epochs:
+            counts["truncated"] = counts.get("truncated", 0) + 1
+    return counts
+
+
+# --------------------------------------------------------------------- incumbent vs wall-clock
+
+Curve = list[tuple[float, float]]  # (seconds since the launcher started, best so far), ascending
+
+
+def _better(a: float, b: float, mode: str) -> bool:
+    return a > b if mode == "max" else a < b
+
+
+def incumbent(trials: list[TrialInfo], launch_time: float, horizon: float,
+              mode: str = "max") -> Curve:
+    """The best objective reported so far, at each report that improved it, up to ``horizon``.
+
+    Times are seconds since ``launch_time`` (the launcher's start); reports after ``horizon``
+    are left out (the budget is spent).
+    """
+    reports = sorted((r for t in trials for r in t.reports), key=lambda r: r.time)
+    curve: Curve = []
+    for report in reports:
+        elapsed = report.time - launch_time
+        if elapsed > horizon:
+            break
+        if not curve or _better(report.value, curve[-1][1], mode):
+            curve.append((elapsed, report.value))
     return curve
 
 
-def summarize(sweep: SweepResult, budget: int) -> dict:
-    """The table row of one sweep: best within budget, budget to reach 90 %, overheads."""
-    curve = budget_curve(sweep.trials, budget)
-    in_budget = {r.trial_id for _, _, r in curve}
-    trials = [t for t in sweep.trials if t.trial_id in in_budget]
-    best = curve[-1][1] if curve else float("nan")
-    reach = None
-    if curve and best > 0:
-        reach = next(used for used, value, _ in curve if value >= REACH * best)
-    start = min((t.start for t in trials), default=0.0)
-    return {
-        "strategy": sweep.label, "seed": sweep.seed, "trials": len(trials),
-        "trials_total": len(sweep.trials), "used": len(curve),
-        "used_total": sum(len(t.reports) for t in sweep.trials), "best": best, "reach": reach,
-        "startup": statistics.median(t.startup_s for t in trials) if trials else float("nan"),
-        "first_report": (statistics.median(t.first_report_s for t in trials)
-                         if trials else float("nan")),
-        "budget_wall": (curve[-1][2].time - start) if curve else float("nan"),
-        "epoch_s": (statistics.median(r.seconds for _, _, r in curve)
-                    if curve else float("nan")),
-        "sweep_wall": sweep.wall_s, "stopped": sweep.stopped_at_budget, "curve": curve,
-    }
+def value_at(curve: Curve, t: float) -> float | None:
+    """The incumbent at time ``t`` (None before the first report)."""
+    value = None
+    for when, best in curve:
+        if when > t:
+            break
+        value = best
+    return value
 
 
-# ------------------------------------------------------------------------------- running sweeps
+def time_to_reach(curve: Curve, target: float, mode: str = "max") -> float | None:
+    """The first time the incumbent is at least as good as ``target``; None if it never is."""
+    for when, best in curve:
+        if best == target or _better(best, target, mode):
+            return when
+    return None
 
 
-def _count_reports(sweep_dir: Path) -> int:
-    total = 0
-    for result_file in sweep_dir.glob("*/result.json"):
-        try:
-            total += sum(1 for line in result_file.read_text().splitlines() if line.strip())
-        except OSError:
-            pass
-    return total
+def mean_curve(curves: list[Curve]) -> list[tuple[float, float, float, float]]:
+    """(t, mean, min, max) of the incumbents over seeds, at every time one of them changes.
+
+    Defined from the time every seed has reported (an incumbent before its first report has no
+    value); empty if some seed never reported.
+    """
+    if not curves or any(not c for c in curves):
+        return []
+    start = max(c[0][0] for c in curves)
+    times = sorted({t for c in curves for t, _ in c if t >= start} | {start})
+    out = []
+    for t in times:
+        values = [value_at(c, t) for c in curves]
+        out.append((t, statistics.fmean(values), min(values), max(values)))
+    return out
 
 
-STALL_HINT = (
-    "no new epoch report for {stall:.0f} s; the end of the log says why. (Such a stall was "
-    "once caused by another Ray instance on the machine: Ray Train's placement-group cleaner "
-    "could not find its cluster and a stopped trial's CPUs were never freed; the launcher now "
-    "gives its processes RAY_ADDRESS.) Log: {log}"
-)
+def analyse(sweeps: list[Sweep], horizon: float, mode: str) -> dict:
+    """Per arm: incumbents, their mean, time to reach random + FIFO's final best; the goal.
+
+    The target of the mean curves is the mean over seeds of random + FIFO's final best; a
+    seed's own target is its random + FIFO sweep's final best (seeds paired by number: the
+    same number seeds a different sampler, so the pairing only fixes which target a seed gets).
+    """
+    by_arm: dict[str, dict[int, Sweep]] = {}
+    for sweep in sweeps:
+        by_arm.setdefault(sweep.arm.key, {})[sweep.seed] = sweep
+    curves = {arm: {seed: incumbent(s.trials, s.meta["launch_time"], horizon, mode)
+                    for seed, s in seeds.items()} for arm, seeds in by_arm.items()}
+    base = curves.get(BASELINE.key, {})
+    finals = {seed: c[-1][1] for seed, c in base.items() if c}
+    target = statistics.fmean(finals.values()) if finals and len(finals) == len(base) else None
+    arms = {}
+    for key, seeds in curves.items():
+        mean = mean_curve(list(seeds.values()))
+        per_seed = {}
+        for seed, curve in seeds.items():
+            own = finals.get(seed)
+            per_seed[seed] = {
+                "final": curve[-1][1] if curve else None,
+                "target": own,
+                "reach": time_to_reach(curve, own, mode) if own is not None else None,
+            }
+        arms[key] = {
+            "curves": seeds, "mean": mean, "per_seed": per_seed,
+            "reach": (time_to_reach([(t, m) for t, m, _, _ in mean], target, mode)
+                      if target is not None else None),
+        }
+    for key, info in arms.items():
+        for seed, row in info["per_seed"].items():
+            base_t = arms.get(BASELINE.key, {}).get("per_seed", {}).get(seed, {}).get("reach")
+            row["ratio"] = row["reach"] / base_t if row["reach"] is not None and base_t else None
+    base_t = arms.get(BASELINE.key, {}).get("reach")
+    for info in arms.values():
+        info["ratio"] = info["reach"] / base_t if info["reach"] is not None and base_t else None
+    return {"arms": arms, "target": target, "mode": mode, "horizon": horizon}
 
 
-def run_sweep(searcher: str, scheduler: str, seed: int, *, space: Path, budget: int,
-              max_epochs: int, num_samples: int, workdir: Path, sets: list[str],
-              timeout: float, stall: float, log=print) -> SweepResult:
-    """One launcher run in ``workdir`` (cwd: nothing lands in the repo), stopped at the budget."""
-    name = f"{searcher}-{scheduler}-seed{seed}"
-    storage = workdir / "sweeps"
+def goal_sentence(result: dict, metric: str, seeds: int) -> str:
+    """Whether ifsearch's TPE + ASHA met the goal, in words generated from ``analyse``."""
+    arms, target, horizon = result["arms"], result["target"], result["horizon"]
+    base, goal = arms.get(BASELINE.key), arms.get(GOAL_ARM.key)
+    if base is None or goal is None or target is None or base["reach"] is None:
+        return (f"**No answer**: {BASELINE.label} reported no epoch within the {horizon:.0f} s "
+                "budget in some seed, so there is no final best to reach.")
+    what = (f"{BASELINE.label}'s final best (val {metric} {target:.3f}, mean over {seeds} "
+            f"seed{'s' if seeds > 1 else ''}), which {BASELINE.label} itself reached after "
+            f"{base['reach']:.0f} s")
+    if goal["reach"] is None:
+        best = (f"its mean best: {goal['mean'][-1][1]:.3f}" if goal["mean"] else
+                "in some seed it reported no epoch")
+        head = (f"**Goal not met**: {GOAL_ARM.label} did not reach {what}, within the "
+                f"{horizon:.0f} s budget ({best}).")
+    else:
+        met = goal["ratio"] <= GOAL_RATIO
+        head = (f"**Goal {'met' if met else 'not met'}**: {GOAL_ARM.label} reached {what}, "
+                f"after {goal['reach']:.0f} s: {goal['ratio']:.0%} of that wall-clock (goal "
+                f"<= {GOAL_RATIO:.0%}).")
+    rows = goal["per_seed"].values()
+    reached = sum(1 for r in rows if r["reach"] is not None)
+    within = sum(1 for r in rows if r["ratio"] is not None and r["ratio"] <= GOAL_RATIO)
+    return (f"{head} Per seed (each against its own seed's {BASELINE.label} final best): "
+            f"reached on {reached} of {len(rows)}, within {GOAL_RATIO:.0%} of "
+            f"{BASELINE.label}'s time on {within} of {len(rows)}.")
+
+
+# ----------------------------------------------------------------------------- running sweeps
+
+
+@dataclass
+class Sweep:
+    """One finished (arm, seed) sweep: its record and its trials."""
+
+    arm: Arm
+    seed: int
+    name: str
+    meta: dict  # launch_time, ran_s, returncode, ended_early, concurrent, load, settings
+    trials: list[TrialInfo]
+    told: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Settings:
+    """What every sweep of one work folder must share (a rerun with others is refused)."""
+
+    wall_s: float
+    space_sha: str
+    max_epochs: int
+    grace_period: int
+    sets: tuple[str, ...]
+    rung_metric: str | None
+    launch_args: tuple[str, ...]
+
+
+def sweep_name(arm: Arm, seed: int) -> str:
+    return f"{arm.key}-seed{seed}"
+
+
+def write_space(source: Path, workdir: Path, mode: Mode, args: argparse.Namespace) -> Path:
+    """The space as the benchmark runs it: the source with its trial budget replaced."""
+    import yaml
+
+    raw = yaml.safe_load(source.read_text())
+    budget = raw.setdefault("budget", {})
+    budget["num_samples"] = NUM_SAMPLES
+    for key, value in (("max_epochs", args.max_epochs or mode.max_epochs),
+                       ("grace_period", args.grace_period or mode.grace_period)):
+        if value:
+            budget[key] = value
+    path = workdir / "space.yaml"
+    path.write_text(f"# Written by benchmarks/search_efficiency.py from {source}: its trial "
+                    "budget replaced.\n" + yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def check_settings(workdir: Path, settings: Settings) -> None:
+    """Record the folder's settings on first use; refuse a rerun with other ones."""
+    path = workdir / "benchmark.json"
+    current = json.loads(json.dumps(asdict(settings)))
+    if not path.exists():
+        path.write_text(json.dumps(current, indent=1))
+        return
+    before = json.loads(path.read_text())
+    changed = [f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in sorted(current)
+               if before.get(k) != current.get(k)]
+    if changed:
+        raise BenchmarkError(f"{workdir} holds sweeps run with other settings ({'; '.join(changed)}"
+                             "); rerun with the same options, or pass another --workdir")
+
+
+def _concurrency(log_path: Path) -> int | None:
+    """Trials at once, from the launcher's "sweep NAME: ..., N at once" line."""
+    try:
+        found = re.search(r", (\d+) at once;", log_path.read_text(errors="replace"))
+    except OSError:
+        return None
+    return int(found.group(1)) if found else None
+
+
+def run_sweep(arm: Arm, seed: int, *, space: Path, workdir: Path, settings: Settings,
+              log=print) -> dict:
+    """One launcher run in ``workdir``, interrupted once ``settings.wall_s`` have passed.
+
+    Returns the sweep's record (also written to ``<workdir>/<name>.json``, which marks it done).
+    """
+    name = sweep_name(arm, seed)
     cmd = [sys.executable, "-m", "ifsearch.launch", "--space", str(space),
-           "--searcher", searcher, "--scheduler", scheduler, "--num-samples", str(num_samples),
-           "--max-epochs", str(max_epochs), "--name", name, "--storage", str(storage),
+           "--searcher", arm.searcher, "--scheduler", arm.scheduler,
+           "--searcher-impl", arm.impl, "--name", name, "--storage", str(workdir / "sweeps"),
            "--mlflow-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--experiment",
            "search_efficiency", "--seed", str(seed)]
-    for item in sets:
+    if arm.scheduler == "asha" and settings.rung_metric:
+        cmd += ["--rung-metric", settings.rung_metric]
+    for item in settings.sets:
         cmd += ["--set", item]
-    log_path = workdir / f"{name}.log"
-    log(f"{name}: {num_samples} trials x <= {max_epochs} epochs, stop at {budget} trial-epochs "
-        f"(log: {log_path})")
-    started = time.perf_counter()
-    stopped = False
-    with open(log_path, "w") as log_file:
-        # Own session: the launcher and the local Ray it starts form one process group that we
-        # can interrupt (SIGINT = Ctrl-C: Tune saves and the launcher exits normally) and reap.
-        proc = subprocess.Popen(cmd, cwd=workdir, env=launcher_env(), stdout=log_file,
+    cmd += list(settings.launch_args)
+    log_path = workdir / "logs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    load = [os.getloadavg()[0]]
+    with open(log_path, "w") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        # Own session: the launcher and its local Ray form one process group that SIGINT stops
+        # cleanly (Tune saves, the launcher exits 130) and end_launcher reaps.
+        launch_time = time.time()
+        proc = subprocess.Popen(cmd, cwd=workdir, env=launcher_env(), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        reported, last_progress = 0, time.perf_counter()
         try:
-            while proc.poll() is None:
-                now = time.perf_counter()
-                if now - started > timeout:
-                    raise RuntimeError(f"{name}: no result after {timeout:.0f} s; see {log_path}")
-                count = _count_reports(storage / name)
-                if count > reported:
-                    reported, last_progress = count, now
-                elif not stopped and now - last_progress > stall:
-                    raise RuntimeError(f"{name}: stalled after {reported} trial-epochs: "
-                                       + STALL_HINT.format(stall=stall, log=log_path))
-                if (num_samples * max_epochs > budget and not stopped
-                        and count >= budget):
-                    stopped = True  # the rest of the sweep would be cut anyway: stop it
-                    log(f"  {budget} trial-epochs reported after "
-                        f"{time.perf_counter() - started:.0f} s: interrupting the sweep")
-                    os.killpg(proc.pid, signal.SIGINT)
-                time.sleep(1.0)
+            while proc.poll() is None and time.time() - launch_time < settings.wall_s:
+                time.sleep(0.2)
+            ended_early = proc.poll() is not None
+            ran = time.time() - launch_time
+            load.append(os.getloadavg()[0])
+            if not ended_early:
+                os.killpg(proc.pid, signal.SIGINT)
         finally:
             end_launcher(proc, grace=90.0)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0 and not stopped:
-        tail = "\n".join(log_path.read_text().splitlines()[-40:])
-        raise RuntimeError(f"{name}: launcher exited with {proc.returncode}:\n{tail}")
-    (workdir / f"{name}.json").write_text(json.dumps({"wall_s": wall, "stopped": stopped}))
-    trials = read_sweep(storage / name)
-    log(f"  {len(trials)} trials, {sum(len(t.reports) for t in trials)} trial-epochs, "
-        f"{wall:.0f} s")
-    return SweepResult(searcher, scheduler, seed, name, wall, trials, stopped)
+    if ended_early and proc.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+        raise BenchmarkError(f"{name}: the launcher exited with {proc.returncode} after "
+                             f"{ran:.0f} s, before its budget; the end of {log_path}:\n{tail}")
+    meta = {"launch_time": launch_time, "ran_s": ran, "returncode": proc.returncode,
+            "ended_early": ended_early, "concurrent": _concurrency(log_path),
+            "load_1min": load, "settings": asdict(settings)}
+    (workdir / f"{name}.json").write_text(json.dumps(meta, indent=1))
+    return meta
 
 
-def load_sweep(searcher: str, scheduler: str, seed: int, workdir: Path) -> SweepResult:
-    """A sweep that ``run_sweep`` already ran in ``workdir`` (for --report-only)."""
-    name = f"{searcher}-{scheduler}-seed{seed}"
+def load_sweep(arm: Arm, seed: int, workdir: Path, metric: str, extra: Sequence[str],
+               max_epochs: int) -> Sweep:
+    """A sweep that ``run_sweep`` finished in ``workdir``, read back from its files."""
+    name = sweep_name(arm, seed)
     meta = json.loads((workdir / f"{name}.json").read_text())
-    return SweepResult(searcher, scheduler, seed, name, meta["wall_s"],
-                       read_sweep(workdir / "sweeps" / name), meta["stopped"])
+    folder = workdir / "sweeps" / name
+    return Sweep(arm, seed, name, meta, read_sweep(folder, metric, extra),
+                 told_states(folder, name, max_epochs))
 
 
-# ------------------------------------------------------------------------------------ reporting
+def run_all(arms: Sequence[Arm], seeds: Sequence[int], *, space: Path, workdir: Path,
+            settings: Settings, report_only: bool, log=print) -> None:
+    """Every (arm, seed) sweep not finished yet, one at a time, arms interleaved per seed."""
+    todo = [(arm, seed) for seed in seeds for arm in arms
+            if not (workdir / f"{sweep_name(arm, seed)}.json").exists()]
+    done = len(arms) * len(seeds) - len(todo)
+    if report_only:
+        if todo:
+            raise BenchmarkError(f"--report-only: {len(todo)} sweep(s) not finished in "
+                                 f"{workdir}: " + ", ".join(sweep_name(a, s) for a, s in todo))
+        return
+    log(f"{len(arms) * len(seeds)} sweeps of {settings.wall_s:.0f} s, {done} finished earlier; "
+        f"{len(todo)} to run: ~{len(todo) * (settings.wall_s + END_S) / 60:.0f} min")
+    for index, (arm, seed) in enumerate(todo):
+        name = sweep_name(arm, seed)
+        stale = workdir / "sweeps" / name
+        if stale.exists():  # interrupted midway: its clock cannot be resumed; keep it aside
+            stale.rename(stale.with_name(f"{name}.stale-{time.strftime('%H%M%S')}"))
+        left = (len(todo) - index) * (settings.wall_s + END_S)
+        log(f"[{index + 1}/{len(todo)}] {name}: {arm.label}, seed {seed}, {settings.wall_s:.0f} s "
+            f"(log: {workdir / 'logs' / (name + '.log')}); ~{left / 60:.0f} min left")
+        meta = run_sweep(arm, seed, space=space, workdir=workdir, settings=settings, log=log)
+        if meta["ended_early"]:
+            log(f"  {name}: the launcher ended by itself after {meta['ran_s']:.0f} s")
 
 
-def _fmt(value: float, digits: int = 3) -> str:
+# -------------------------------------------------------------------------------- reporting
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
         else f"{value:.{digits}f}"
 
 
-def render(rows: list[dict], budget: int, max_epochs: int, seeds: list[int], sets: list[str],
-           image: str | None, grace: int) -> str:
-    """Table, plot and the honest reading of a small experiment."""
+def _seconds(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:.0f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return (f"{statistics.fmean(values):.3f} ± {std:.3f} "
+            f"[{min(values):.3f} .. {max(values):.3f}]")
+
+
+def rung_analyses(sweeps: list[Sweep], *, rung_metric: str, rung_mode: str, metric: str,
+                  mode: str, grace: int, max_epochs: int, rf: float,
+                  horizon: float) -> list[tuple[str, dict]]:
+    """``rung_trust`` of each arm's trials (seeds pooled), reports within the budget only.
+
+    The ASHA arms are judged on what they ran; random + FIFO's trials, which nobody stopped,
+    are judged at the same rungs: the unbiased answer to "would these rungs have been right?".
+    """
+    from ifsearch.sweep_report import asha_rungs, rung_trust
+
+    rungs = asha_rungs(grace, max_epochs, rf)
+    out = []
+    for arm in ARMS:
+        histories: dict[str, dict[int, dict[str, float]]] = {}
+        for sweep in (s for s in sweeps if s.arm == arm):
+            for trial in sweep.trials:
+                history = {}
+                for r in trial.reports:
+                    if r.time - sweep.meta["launch_time"] <= horizon:
+                        history[r.epoch] = {**r.values, metric: r.value}
+                histories[f"seed{sweep.seed}/{trial.trial_id}"] = history
+        label = arm.label + (" (unpruned: judged at the same rungs)"
+                             if arm.scheduler == "fifo" else "")
+        out.append((label, rung_trust(histories, rungs, reduction_factor=rf,
+                                      rung_metric=rung_metric, rung_mode=rung_mode,
+                                      final_metric=metric, mode=mode, final_epoch=max_epochs)))
+    return out
+
+
+def rung_table(analyses: list[tuple[str, dict]]) -> str:
+    rows = []
+    for label, result in analyses:
+        for r in result["rungs"]:
+            rho = "n/a" if math.isnan(r["spearman"]) else f"{r['spearman']:+.2f}"
+            rows.append([label, r["epoch"], r["reached"], r["complete"], rho,
+                         f"{r['top_stopped']} of {r['top']}",
+                         {True: "yes", False: "no", None: "too few"}[result["trustworthy"]]])
+        if not result["rungs"]:
+            rows.append([label, "–", "–", "–", "–", "–", result["summary"]])
+    return markdown_table(["arm", "rung epoch", "trials that reached it", "ran to the end",
+                           "Spearman (rung vs final)", "final top 5 the cutoff would stop",
+                           "trustworthy"], rows)
+
+
+def _told(counts: dict[str, int]) -> str:
+    if not counts:
+        return "n/a"
+    parts = [f"{counts.get(s, 0)} {s}" for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+             if counts.get(s)]
+    if counts.get("truncated"):
+        parts.append(f"({counts['truncated']} of the COMPLETE stopped early)")
+    return ", ".join(parts)
+
+
+def render(sweeps: list[Sweep], result: dict, *, metric: str, seeds: Sequence[int],
+           space: Path, settings: Settings, rung: tuple[str, str], rf: float,
+           analyses: list[tuple[str, dict]], image: str | None) -> str:
+    """The section's markdown: protocol, tables, plot, goal sentence, rung trust."""
+    horizon = settings.wall_s
+    by = {arm.key: [s for s in sweeps if s.arm == arm] for arm in ARMS}
+    arms = result["arms"]
+    base_t = arms.get(BASELINE.key, {}).get("reach")
+    rows = []
+    for arm in ARMS:
+        runs, info = by[arm.key], arms.get(arm.key)
+        if not runs or info is None:
+            continue
+        per = info["per_seed"]
+        finals = [r["final"] for r in per.values() if r["final"] is not None]
+        reached = [r["reach"] for r in per.values() if r["reach"] is not None]
+        # each trial's reports within the budget, per sweep
+        in_time = [[[r for r in t.reports if r.time - s.meta["launch_time"] <= horizon]
+                    for t in s.trials] for s in runs]
+        started = [sum(1 for reps in sweep if reps) for sweep in in_time]
+        epochs = sum(len(reps) for sweep in in_time for reps in sweep)
+        full = sum(1 for sweep in in_time for reps in sweep
+                   if any(r.epoch >= settings.max_epochs for r in reps))
+        startups = [t.startup_s for s in runs for t in s.trials]
+        rows.append([
+            arm.label, len(runs), _mean_std(finals), _seconds(info["reach"]),
+            _ratio(info["reach"] / base_t if info["reach"] is not None and base_t else None),
+            f"{len(reached)} of {len(per)}"
+            + (f" (median {statistics.median(reached):.0f} s)" if reached else ""),
+            f"{statistics.fmean(started):.1f}", f"{epochs / len(runs):.1f}",
+            f"{full / len(runs):.1f}",
+            _fmt(statistics.median(startups), 1) if startups else "n/a",
+        ])
     table = markdown_table(
-        ["strategy", "seed", "trials run", "trial-epochs used (budget)",
-         "best AP50 within budget", f"budget to reach {REACH:.0%} of best (trial-epochs)",
-         "median start-up overhead s", "median time to first report s",
-         "wall-clock to spend budget s"],
-        [[r["strategy"], r["seed"], r["trials"], f"{r['used']} ({budget})", _fmt(r["best"]),
-          r["reach"] if r["reach"] is not None else "n/a (best is 0)", _fmt(r["startup"], 1),
-          _fmt(r["first_report"], 1), _fmt(r["budget_wall"], 0)] for r in rows],
-    )
-    by: dict[str, list[dict]] = {}
-    for r in rows:
-        by.setdefault(r["strategy"], []).append(r)
-    data = (", ".join(f"`{s}`" for s in sets) if sets
-            else "the space's own data and model (its `base` block)")
+        ["arm", "seeds", f"best val {metric} at {horizon:.0f} s, mean ± std [min .. max]",
+         "wall-clock to reach the target (mean curve) s", f"vs {BASELINE.label}",
+         "seeds that reached their own target", "trials with a report (mean)",
+         "trial-epochs (mean)", f"trials that ran all {settings.max_epochs} epochs (mean)",
+         "median trial start-up s"], rows)
+    seed_rows = []
+    for arm in ARMS:
+        for s in by[arm.key]:
+            r = arms[arm.key]["per_seed"][s.seed]
+            first = min((rep.time for t in s.trials for rep in t.reports), default=None)
+            seed_rows.append([
+                arm.label, s.seed, _fmt(r["final"]), _fmt(r["target"]), _seconds(r["reach"]),
+                _ratio(r["ratio"]), len(s.trials),
+                _fmt(first - s.meta["launch_time"], 0) if first else "none",
+                s.meta.get("concurrent") or "?", _told(s.told),
+                " -> ".join(f"{v:.1f}" for v in s.meta.get("load_1min", [])),
+            ])
+    seed_table = markdown_table(
+        ["arm", "seed", f"best {metric} at {horizon:.0f} s", "target (this seed's "
+         f"{BASELINE.label} best)", "time to reach s", f"vs {BASELINE.label}'s time",
+         "trials", "launcher start -> first report s", "trials at once", "told to Optuna",
+         "load average (1 min) at start -> end"], seed_rows)
+    loads = [v for s in sweeps for v in s.meta.get("load_1min", [])]
+    cores = os.cpu_count() or 1
+    sets = ", ".join(f"`{s}`" for s in settings.sets) or "none (the space's `base` block)"
+    ended = [s.name for s in sweeps if s.meta.get("ended_early")]
+    rung_metric, rung_mode = rung
     lines = [
-        f"Space `search_spaces/influencer_default.yaml` ({data}), objective val AP50, "
-        f"at most {max_epochs} epoch{'s' if max_epochs > 1 else ''} per trial, budget {budget} "
-        f"trial-epochs per sweep, searcher seed{'s' if len(seeds) > 1 else ''} "
-        f"{', '.join(map(str, seeds))} (data and model initialisation are the same in every "
-        "trial; the seed only changes the sampled configurations). "
-        f"Random + FIFO runs {budget // max_epochs} full trials; TPE + ASHA (grace period "
-        f"{grace}, reduction factor 2) runs as many trials as fit, and its sweep is stopped once "
-        f"{budget} epochs are reported. Both histories are cut at the same point: all epoch "
-        f"reports of the sweep ordered by wall-clock time, first {budget} kept. Start-up "
-        "overhead = a trial's time from Tune's start (RUNNING) to its first report "
-        "(`time_total_s` of the first result) minus that epoch's own `epoch_seconds`: Ray "
-        "Train's controller and worker start-up, data and model build and the checkpoint "
-        "report. Wall-clock to spend the budget runs from the first trial's start to the "
-        f"{budget}th report (Ray's start-up and the launcher's export are not in it). The "
-        "launcher runs its default concurrency (one trial per core), so start-up and training "
-        "of concurrent trials compete for the CPU.",
+        f"Space `{_rel(space)}` (data and model of its `base` block; `--set`: {sets}), objective "
+        f"val {metric} ({result['mode']}), at most {settings.max_epochs} epochs per trial; ASHA "
+        f"with grace period {settings.grace_period} and reduction factor {rf:g}, judging its "
+        f"rungs on `{rung_metric}` ({rung_mode}). Three arms: **{ARMS[0].label}**; "
+        f"**{ARMS[1].label}** (`--searcher-impl ray`: a trial ASHA stops is told to Optuna as "
+        f"COMPLETE with its truncated value, the behaviour before ifsearch had its own "
+        f"searcher); **{ARMS[2].label}** (the default: such a trial is PRUNED). Each sweep ran "
+        f"for **{horizon:.0f} s of wall-clock from its launcher's start** (Ray's start-up "
+        "included), one sweep at a time, then was interrupted; every arm had more trials than "
+        f"could start ({NUM_SAMPLES}). Searcher seeds {', '.join(map(str, seeds))} (they "
+        "change only the sampled configurations; data and model initialisation are the same "
+        "in every trial). The incumbent at time t is the best val "
+        f"{metric} any epoch report made before t. The **target** is {BASELINE.label}'s final "
+        "best (mean over seeds for the mean curves; per seed, that seed's own), and the "
+        "wall-clock to reach it is when the incumbent first equals or beats it. "
+        f"Load average during the sweeps: {min(loads, default=0):.1f} .. "
+        f"{max(loads, default=0):.1f} on {cores} cores (wall-clock comparisons need an idle "
+        "machine).",
+        "",
+        goal_sentence(result, metric, len(seeds)),
         "",
         table,
         "",
     ]
     if image:
-        lines += [f"![best-so-far AP50 vs trial-epochs]({image})", ""]
-    if len(by) == 2:
-        n = len(seeds)
-        stats = {k: (statistics.mean(r["best"] for r in v), statistics.mean(r["trials"] for r in v),
-                     statistics.median(r["startup"] for r in v),
-                     statistics.median(r["epoch_s"] for r in v),
-                     statistics.mean(r["budget_wall"] for r in v)) for k, v in by.items()}
-        (a, sa), (b, sb) = sorted(stats.items(), key=lambda kv: -kv[1][0])
-        if sa[0] <= 0:
-            verdict = (f"No strategy reached a non-zero AP50 within {budget} trial-epochs, so "
-                       "this run compares nothing but costs.")
+        lines += [f"![best val {metric} so far vs wall-clock, mean and min..max over seeds]"
+                  f"({image})", ""]
+    ray_arm, goal_arm = arms.get(ARMS[1].key), arms.get(GOAL_ARM.key)
+    if ray_arm and goal_arm:
+        r, g = ray_arm["reach"], goal_arm["reach"]
+        if r is None and g is None:
+            compare = "neither TPE + ASHA arm reached the target on its mean curve"
+        elif r is None or g is None:
+            first = GOAL_ARM if r is None else ARMS[1]
+            compare = f"only {first.label} reached the target on its mean curve"
         else:
-            best = {(r["strategy"], r["seed"]): r["best"] for r in rows}
-            wins = sum(1 for seed in seeds if best[a, seed] > best[b, seed])
-            ties = sum(1 for seed in seeds if best[a, seed] == best[b, seed])
-            verdict = (
-                f"Mean best AP50 over {n} seed{'s' if n > 1 else ''}: {a} {sa[0]:.3f}, "
-                f"{b} {sb[0]:.3f} ({a} ahead on {wins} of {n} seeds"
-                f"{f', tied on {ties}' if ties else ''}). With {n} "
-                f"seed{'s' if n > 1 else ''} and {budget} trial-epochs this is an anecdote, not "
-                "a ranking: AP50 at this laptop budget is low and one lucky configuration moves "
-                "a sweep's best by more than the gap, so the difference may well be noise."
-            )
-        cost = []
-        for k, v in stats.items():
-            cost.append(f"{k} tried {v[1]:.1f} configurations (mean) and spent the budget in "
-                        f"{v[4]:.0f} s")
-        tpe, rnd = stats.get("TPE + ASHA"), stats.get("random + FIFO")
-        ratio = ""
-        if tpe and rnd and tpe[3] > 0:
-            slower = tpe[4] > rnd[4]
-            ratio = (f" A trial's start-up (median {tpe[2]:.0f} s) costs as much wall-clock as "
-                     f"~{tpe[2] / tpe[3]:.0f} of its epochs (median {tpe[3]:.1f} s), and every "
-                     "trial ASHA stops early is replaced by a new one that pays it again: "
-                     + ("so at equal trial-epochs TPE + ASHA took longer in wall-clock here; "
-                        "early stopping pays off when epochs, not start-up, dominate a trial."
-                        if slower else
-                        "even so TPE + ASHA spent the budget no slower here."))
-        lines.append(verdict + " Costs: " + "; ".join(cost) + "." + ratio)
+            compare = (f"{GOAL_ARM.label} reached the target {abs(r - g):.0f} s "
+                       f"{'earlier' if g < r else 'later' if g > r else 'at the same time'} "
+                       f"than {ARMS[1].label} ({g:.0f} vs {r:.0f} s)")
+        lines += [f"PRUNED vs truncated COMPLETE: {compare}. With {len(seeds)} seed"
+                  f"{'s' if len(seeds) > 1 else ''} a difference smaller than the seeds' "
+                  "spread (the min .. max columns) is noise.", ""]
+    if ended:
+        lines += [f"Ended by itself before the budget: {', '.join(ended)} (see their logs).", ""]
+    lines += [
+        "### Were ASHA's rungs trustworthy?",
+        "",
+        "`ifsearch.sweep_report.rung_trust` over each arm's trials (seeds pooled): at each rung, "
+        "Spearman's rank correlation between the rung value and the final value over the trials "
+        "that ran to the end, and how many of the final top 5 the rung's cutoff would have "
+        "stopped (untrustworthy: Spearman < 0.5 or a top-5 trial stopped). The ASHA arms' "
+        "complete trials are the ones ASHA let through; random + FIFO's trials were never "
+        "stopped, so its rows answer the question without that selection.",
+        "",
+        rung_table(analyses),
+        "",
+        *[f"- {label}: {res['summary']}" for label, res in analyses],
+        "",
+        "<details><summary>Per seed</summary>",
+        "",
+        seed_table,
+        "",
+        "</details>",
+    ]
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], budget: int, path: Path) -> Path:
-    """Best-so-far AP50 vs cumulative trial-epochs: one colour per strategy, one line per seed."""
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def plot(result: dict, metric: str, horizon: float, path: Path) -> Path:
+    """Incumbent vs wall-clock: per arm the mean over seeds, its min..max band, each seed thin."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"random + FIFO": "#4c72b0", "TPE + ASHA": "#dd8452"}
-    styles = ["-", "--", ":", "-."]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for r in rows:
-        if not r["curve"]:
+    colours = {ARMS[0].key: "#4c72b0", ARMS[1].key: "#c44e52", ARMS[2].key: "#dd8452"}
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for arm in ARMS:
+        info = result["arms"].get(arm.key)
+        if info is None:
             continue
-        xs = [used for used, _, _ in r["curve"]]
-        ys = [best for _, best, _ in r["curve"]]
-        ax.step(xs, ys, where="post", color=colours.get(r["strategy"]),
-                linestyle=styles[r["seed"] % len(styles)],
-                label=f"{r['strategy']} (seed {r['seed']})")
-    ax.set_xlim(0, budget)
-    ax.set_xlabel("cumulative trial-epochs")
-    ax.set_ylabel("best val AP50 so far")
-    ax.set_title("Search efficiency at equal budget")
+        colour = colours[arm.key]
+        for curve in info["curves"].values():
+            if curve:
+                xs, ys = zip(*curve)
+                ax.step([*xs, horizon], [*ys, ys[-1]], where="post", color=colour, lw=0.7,
+                        alpha=0.3)
+        if info["mean"]:
+            ts, means, lows, highs = zip(*info["mean"])
+            ts = [*ts, horizon]
+            ax.step(ts, [*means, means[-1]], where="post", color=colour, lw=2.0,
+                    label=f"{arm.label} (mean)")
+            ax.fill_between(ts, [*lows, lows[-1]], [*highs, highs[-1]], step="post",
+                            color=colour, alpha=0.12)
+        if info["reach"] is not None:
+            ax.axvline(info["reach"], color=colour, ls=":", lw=1.2)
+    if result["target"] is not None:
+        ax.axhline(result["target"], color="grey", ls="--", lw=1.0,
+                   label=f"target: {BASELINE.label}'s final best (mean)")
+    ax.set_xlim(0, horizon)
+    ax.set_xlabel("wall-clock since the launcher started (s)")
+    ax.set_ylabel(f"best val {metric} so far")
+    ax.set_title("Search efficiency at equal wall-clock (band: min..max over seeds; dotted: "
+                 "time to reach the target)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
     return save_figure(fig, path)
 
 
+# --------------------------------------------------------------------------------------- CLI
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/search_efficiency.py",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
-                      help="1 seed, budget 24 trial-epochs (~4 min on 2 cores)")
+                      help="2 seeds x 120 s per sweep (~14 min); writes into its work folder")
     mode.add_argument("--smoke-test", action="store_true",
-                      help="2 trials x 1 epoch per strategy on tiny data; writes only to --out "
-                           "or a temporary file, never docs/")
-    p.add_argument("--budget", type=int, default=None,
-                   help="trial-epochs per sweep (default 48; 24 with --quick; 2 with "
-                        "--smoke-test)")
-    p.add_argument("--max-epochs", type=int, default=None,
-                   help="epochs per trial (default: the space's budget.max_epochs; 1 with "
-                        "--smoke-test)")
+                      help="1 seed x 60 s per sweep on tiny scenes, 3 epochs per trial; a "
+                           "temporary folder unless --workdir/--out are given, never docs/")
+    p.add_argument("--wall", type=float, default=None,
+                   help="wall-clock budget W of each sweep in seconds, from its launcher's "
+                        "start (default 360; 120 with --quick; 60 with --smoke-test)")
     p.add_argument("--seeds", default=None,
-                   help="comma-separated searcher seeds (default 0,1; 0 with --quick or "
-                        "--smoke-test)")
+                   help="comma-separated searcher seeds (default 0,1,2,3,4; 0,1 with --quick)")
     p.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="search-space YAML")
+    p.add_argument("--max-epochs", type=int, default=None,
+                   help="epochs per trial (default: the space's budget.max_epochs)")
+    p.add_argument("--grace-period", type=int, default=None,
+                   help="ASHA's first rung (default: the space's budget.grace_period)")
+    p.add_argument("--rung-metric", default=None, metavar="METRIC[:min|max]",
+                   help="what ASHA's rungs compare (the launcher's --rung-metric; default: the "
+                        "space's scheduler.metric, else the objective)")
     p.add_argument("--set", dest="sets", action="append", default=None,
                    metavar="SECTION.KEY=VALUE",
-                   help="passed to the launcher (default: none; tiny data with --smoke-test)")
+                   help="passed to every launcher (default: none; tiny scenes with "
+                        "--smoke-test)")
+    p.add_argument("--launch-arg", dest="launch_args", action="append", default=[],
+                   metavar="ARG", help="extra launcher argument for every sweep, e.g. "
+                                       "--launch-arg=--max-concurrent=2 (repeatable)")
     p.add_argument("--out", type=Path, default=None,
                    help="markdown file whose 'search_efficiency' section is (re)written "
-                        "(default: docs/benchmarks.md; a temporary file with --smoke-test)")
+                        "(default: docs/benchmarks.md; <workdir>/benchmarks.md with --quick "
+                        "or --smoke-test)")
     p.add_argument("--workdir", type=Path, default=None,
-                   help="scratch folder for sweeps, logs and MLflow (default: a temporary "
-                        "folder, removed at the end)")
-    p.add_argument("--keep", action="store_true", help="keep the scratch folder")
+                   help="sweeps, logs, MLflow store and the record of finished sweeps; a rerun "
+                        "skips those (default runs/search_efficiency, "
+                        "runs/search_efficiency-quick with --quick, a temporary folder with "
+                        "--smoke-test)")
     p.add_argument("--report-only", action="store_true",
-                   help="run nothing: rebuild the section from the sweeps a previous run left "
-                        "in --workdir (run with --keep); same budget/seeds options")
-    p.add_argument("--parallel", action="store_true", default=None,
-                   help="run both strategies of a seed at the same time (default with "
-                        "--smoke-test only: they compete for the CPU, so timings mean little)")
-    p.add_argument("--timeout", type=float, default=1800.0,
-                   help="seconds before one sweep counts as hung")
-    p.add_argument("--stall-timeout", type=float, default=240.0,
-                   help="seconds without a new epoch report before a sweep counts as stalled")
+                   help="run nothing: rebuild the section from --workdir")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ifsearch.errors import IfsearchError
+    from ifsearch.launch import parse_rung_metric
     from ifsearch.search_space import load_search_space
 
-    smoke = args.smoke_test
-    space = load_search_space(args.space, [])
-    max_epochs = args.max_epochs or (1 if smoke else space.budget["max_epochs"])
-    grace = min(space.budget["grace_period"], max_epochs)
-    budget = args.budget or (2 if smoke else 24 if args.quick else 48)
-    seeds = [int(s) for s in (args.seeds or ("0" if smoke or args.quick else "0,1")).split(",")]
-    sets = args.sets if args.sets is not None else (SMOKE_SETS if smoke else [])
-    if budget < max_epochs or budget % max_epochs:
-        print(f"error: --budget {budget} must be a multiple of --max-epochs {max_epochs} "
-              "(random + FIFO runs budget / max_epochs full trials)", file=sys.stderr)
-        return 2
-    out = args.out
-    if out is None:
-        out = Path(tempfile.mkdtemp(prefix="ifsearch_bench_")) / "benchmarks.md" if smoke else DOCS
-    out = out.resolve()
-    image_dir = IMAGES if out == DOCS.resolve() else out.parent / "img"
-    if args.report_only and args.workdir is None:
-        print("error: --report-only needs the --workdir of a run made with --keep",
-              file=sys.stderr)
-        return 2
-    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="ifsearch_search_eff_"))).resolve()
+    name = "smoke" if args.smoke_test else "quick" if args.quick else "full"
+    mode = MODES[name]
+    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else mode.seeds
+    sets = tuple(args.sets) if args.sets is not None else mode.sets
+    temp = Path(tempfile.mkdtemp(prefix="ifsearch_search_eff_")) \
+        if name == "smoke" and args.workdir is None else None
+    default_work = {"full": REPO / "runs" / "search_efficiency",
+                    "quick": REPO / "runs" / "search_efficiency-quick"}
+    workdir = (args.workdir or temp or default_work[name]).resolve()
+    out = (args.out or (DOCS if name == "full" else workdir / "benchmarks.md")).resolve()
+    images = IMAGES if out == DOCS.resolve() else out.parent / "img"
     workdir.mkdir(parents=True, exist_ok=True)
-
+    # SIGTERM (kill, a batch scheduler) stops like Ctrl-C: the running sweep is ended cleanly.
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     started = time.perf_counter()
-    parallel = smoke if args.parallel is None else args.parallel
-    rows = []
-
-    def one(seed: int, searcher: str, scheduler: str) -> dict:
-        # FIFO: budget / max_epochs full trials. ASHA: enough trials to spend the budget even if
-        # every trial stopped at the first rung; the sweep is interrupted once it is spent.
-        samples = budget // max_epochs if scheduler == "fifo" else math.ceil(budget / grace)
-        if args.report_only:
-            return summarize(load_sweep(searcher, scheduler, seed, workdir), budget)
-        sweep = run_sweep(searcher, scheduler, seed, space=args.space, budget=budget,
-                          max_epochs=max_epochs, num_samples=samples, workdir=workdir,
-                          sets=sets, timeout=args.timeout, stall=args.stall_timeout)
-        return summarize(sweep, budget)
-
-    failed = False
     try:
-        for seed in seeds:
-            if parallel:
-                with ThreadPoolExecutor(len(STRATEGIES)) as pool:
-                    rows += list(pool.map(lambda st, seed=seed: one(seed, *st), STRATEGIES))
-            else:
-                rows += [one(seed, *strategy) for strategy in STRATEGIES]
-    except RuntimeError as exc:
-        failed = True
-        print(f"error: {exc}\n(scratch folder kept: {workdir})", file=sys.stderr)
-        return 1
-    finally:
-        if not (args.keep or args.report_only or failed):
-            shutil.rmtree(workdir, ignore_errors=True)
-    rows.sort(key=lambda r: (r["strategy"], r["seed"]))
-    image = plot(rows, budget, image_dir / "search_efficiency.png")
-    body = render(rows, budget, max_epochs, seeds, sets,
-                  image=os.path.relpath(image, out.parent), grace=grace)
+        space_file = write_space(args.space, workdir, mode, args)
+        space = load_search_space(space_file, list(sets))
+        metric, obj_mode = space.objective["metric"], space.objective["mode"]
+        max_epochs, grace = space.budget["max_epochs"], space.budget["grace_period"]
+        rung = parse_rung_metric(args.rung_metric, space, "asha")
+        rf = space.scheduler.get("reduction_factor", 2)
+        settings = Settings(
+            wall_s=args.wall or mode.wall_s,
+            space_sha=hashlib.sha256(space_file.read_bytes()).hexdigest()[:16],
+            max_epochs=max_epochs, grace_period=grace, sets=sets,
+            rung_metric=args.rung_metric, launch_args=tuple(args.launch_args))
+        check_settings(workdir, settings)
+        print(f"search efficiency ({name}) in {workdir}; section -> {out}", flush=True)
+        run_all(ARMS, seeds, space=space_file, workdir=workdir, settings=settings,
+                report_only=args.report_only, log=lambda text: print(text, flush=True))
+    except (BenchmarkError, IfsearchError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: finished sweeps are kept in {workdir}; run the same command again "
+              "to continue", flush=True)
+        return 130
+    extra = (rung[0],) if rung[0] != metric else ()
+    sweeps = [load_sweep(arm, seed, workdir, metric, extra, max_epochs)
+              for seed in seeds for arm in ARMS]
+    result = analyse(sweeps, settings.wall_s, obj_mode)
+    analyses = rung_analyses(sweeps, rung_metric=rung[0], rung_mode=rung[1], metric=metric,
+                             mode=obj_mode, grace=grace, max_epochs=max_epochs, rf=rf,
+                             horizon=settings.wall_s)
+    image = plot(result, metric, settings.wall_s, images / IMAGE)
+    body = render(sweeps, result, metric=metric, seeds=seeds, space=args.space,
+                  settings=settings, rung=rung, rf=rf, analyses=analyses,
+                  image=os.path.relpath(image, out.parent))
     write_section(SECTION, TITLE, body, path=out)
     print(f"wrote section '{SECTION}' of {out} and {image} "
-          f"({time.perf_counter() - started:.0f} s)")
-    for r in rows:
-        print(f"  {r['strategy']:14s} seed {r['seed']}: trials {r['trials']}/{r['trials_total']} "
-              f"used {r['used']}/{budget} (reported {r['used_total']}) best AP50 "
-              f"{_fmt(r['best'])} reach90 {r['reach']} startup {_fmt(r['startup'], 1)} s "
-              f"first report {_fmt(r['first_report'], 1)} s budget wall "
-              f"{_fmt(r['budget_wall'], 0)} s sweep wall {r['sweep_wall']:.0f} s")
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
+    print(goal_sentence(result, metric, len(seeds)).replace("**", ""), flush=True)
+    if temp is not None and args.out is None:
+        shutil.rmtree(workdir / "sweeps", ignore_errors=True)  # the section and plot stay
     return 0
 
 

@@ -64,7 +64,6 @@ TITLE = "The study: Influencer Loss vs Hungarian matching, each searched fairly"
 LOSSES = ("influencer", "hungarian")
 SPACES = {loss: REPO / "search_spaces" / f"study_{loss}.yaml" for loss in LOSSES}
 OBJECTIVE = "AP50"  # the spaces' objective; the verdict's main number
-PENDING = "#pending: "  # a space line whose config keys arrive with issue 12 (see the spaces)
 PLOTS = {"main": "study_ap50_curves.png", "ablations": "study_ablation_curves.png"}
 SMOKE_SETS = ("data.num_points=256", "data.train_scenes=8", "data.val_scenes=4",
               "model.embed_dim=16", "model.ffn_dim=32")
@@ -88,9 +87,9 @@ ABLATIONS: dict[str, tuple] = {
     "loss.duplicate_weight": ("off", "on"),
 }
 ON_WEIGHT = 1.0  # an extra term switched on: the middle of the spaces' choice 0.1 .. 3
-# The flips whose config keys exist before issue 12 is merged: smoke mode runs these. After the
-# merge, extend it to every key of ABLATIONS (the full and quick modes already use them all).
-SMOKE_ABLATIONS = ("loss.mask_prob",)
+# Smoke mode flips every factor too (7 extra 2-epoch retrains on tiny scenes, ~10 s each on an
+# idle 2-core machine), so every override the full study makes runs end to end in the test.
+SMOKE_ABLATIONS = tuple(ABLATIONS)
 
 
 def flips(best: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[str, str, str]]:
@@ -127,22 +126,22 @@ class Budget:
     max_epochs: int  # epochs of a trial that ASHA does not stop
     grace_period: int  # ASHA's first rung: long enough for slow starters
     reduction_factor: int  # ASHA keeps the top 1/rf at each rung
-    # ASHA's rung metric (the launcher's scheduler.metric); the objective stays AP50. The
-    # full mode's choice is a placeholder until measured: the section's rung table says whether
-    # the rungs could be trusted, for this metric and for AP50.
+    # ASHA's rung metric (the launcher's scheduler.metric, its direction in rung_mode); the
+    # objective stays AP50. The full mode's choice is a placeholder until measured: the
+    # section's rung table says whether the rungs could be trusted, for this metric and AP50.
     rung_metric: str
     epochs: int  # epochs of every retrain (the plateau, not the sweep's horizon)
     seeds: tuple[int, ...]  # retrain seeds of each best config
     ablation_seeds: tuple[int, ...]  # retrain seeds of each flip
     ablations: tuple[str, ...]  # keys of ABLATIONS to flip
     sets: tuple[str, ...] = ()  # --set for sweeps and retrains
-    strict: bool = False  # refuse to run unless every space line and flip is available
+    rung_mode: str = "max"  # the rung metric's better direction (every AP variant: max)
 
 
 BUDGETS = {
     # 32 trials x <= 60 epochs, rungs 10 and 30; 5 seeds x 100 epochs; 3 seeds per flip.
     "full": Budget(32, 60, 10, 3, "AP50_agnostic", 100, (0, 1, 2, 3, 4), (0, 1, 2),
-                   tuple(ABLATIONS), strict=True),
+                   tuple(ABLATIONS)),
     "quick": Budget(8, 15, 3, 3, "AP50", 30, (0, 1, 2), (0,), tuple(ABLATIONS)),
     "smoke": Budget(2, 2, 1, 2, "AP50", 2, (0,), (0,), SMOKE_ABLATIONS, SMOKE_SETS),
 }
@@ -289,95 +288,39 @@ def _alive_launcher(pid: int | None) -> bool:
 # ----------------------------------------------------------------------------------- spaces
 
 
-def config_keys() -> set[str]:
-    """Every dotted key of this build's ``ifsearch.config.Config``."""
-    from ifsearch.config import Config, flatten_config
+def effective_space(text: str, budget: Budget, source: str = "") -> str:
+    """A study space file as the study runs it: its budget and scheduler blocks replaced.
 
-    return set(flatten_config(Config()))
-
-
-def pending_lines(text: str) -> list[tuple[int, str, dict]]:
-    """(line index, uncommented line, its parsed mapping) of each ``#pending:`` line."""
-    import yaml
-
-    out = []
-    for index, line in enumerate(text.splitlines()):
-        stripped = line.lstrip()
-        if stripped.startswith(PENDING):
-            indent = line[: len(line) - len(stripped)]
-            uncommented = indent + stripped[len(PENDING):]
-            out.append((index, uncommented, yaml.safe_load(stripped[len(PENDING):])))
-    return out
-
-
-def effective_space(text: str, budget: Budget, keys: set[str], scheduler_metric: bool,
-                    source: str = "") -> tuple[str, list[str]]:
-    """A study space file as the study runs it: (YAML text, pending keys left out).
-
-    ``#pending:`` lines are enabled when every config key they name (the parameter and its
-    ``when`` keys) exists in this build; the others stay comments and are returned. The budget
-    and scheduler blocks are replaced by the study's ``budget``; the scheduler gets
-    ``metric: budget.rung_metric`` when the launcher knows that option (``scheduler_metric``).
+    The budget and scheduler come from the study's ``budget`` (so --quick and --smoke-test
+    shrink both sweeps alike); the scheduler judges its rungs on ``budget.rung_metric``
+    (``scheduler: {metric, mode}``, the launcher's rung-metric option; mode
+    ``budget.rung_mode``) when that differs from the objective.
     """
     import yaml
 
-    lines = text.splitlines()
-    left_out = []
-    for index, uncommented, parsed in pending_lines(text):
-        for key, spec in parsed.items():
-            needed = {key, *((spec or {}).get("when") or {})}
-            if needed <= keys:
-                lines[index] = uncommented
-            else:
-                left_out.append(key)
-    raw = yaml.safe_load("\n".join(lines))
+    raw = yaml.safe_load(text)
     raw["budget"] = {"num_samples": budget.num_samples, "max_epochs": budget.max_epochs,
                      "grace_period": budget.grace_period}
     scheduler = {"name": "asha", "reduction_factor": budget.reduction_factor}
-    if scheduler_metric and budget.rung_metric != raw.get("objective", {}).get("metric"):
-        scheduler.update(metric=budget.rung_metric, mode="max")
+    if budget.rung_metric != raw.get("objective", {}).get("metric"):
+        scheduler.update(metric=budget.rung_metric, mode=budget.rung_mode)
     raw["scheduler"] = scheduler
     header = (f"# Written by benchmarks/study.py from {source}: the study's budget and "
-              "scheduler, #pending lines\n# enabled where this build has their keys. Edit the "
-              "source, not this copy.\n")
-    return header + yaml.safe_dump(raw, sort_keys=False), left_out
+              "scheduler.\n# Edit the source, not this copy.\n")
+    return header + yaml.safe_dump(raw, sort_keys=False)
 
 
-def prepare_spaces(work: Work, budget: Budget, log) -> dict[str, list[str]]:
-    """Write both effective spaces and validate them; returns the pending keys left out."""
-    from ifsearch.search_space import SCHEDULER_KEYS, load_search_space
+def prepare_spaces(work: Work, budget: Budget) -> None:
+    """Write both effective spaces and validate them (every problem at once, before any run)."""
+    from ifsearch.search_space import load_search_space
 
-    keys = config_keys()
-    scheduler_metric = "metric" in SCHEDULER_KEYS
-    problems, left = [], {}
     for loss in LOSSES:
-        text, left_out = effective_space(SPACES[loss].read_text(), budget, keys,
-                                         scheduler_metric, str(SPACES[loss].relative_to(REPO)))
+        text = effective_space(SPACES[loss].read_text(), budget,
+                               str(SPACES[loss].relative_to(REPO)))
         path = work.space(loss)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-        load_search_space(path, list(budget.sets))  # every problem at once, before any run
-        left[loss] = left_out
-        if left_out:
-            problems.append(f"{SPACES[loss].name}: {', '.join(left_out)} (their config keys "
-                            "are not in this build)")
-    if budget.rung_metric != OBJECTIVE and not scheduler_metric:
-        problems.append(f"the rung metric {budget.rung_metric} needs the launcher's "
-                        "scheduler.metric option (issue 13); ASHA judges rungs by AP50 instead")
-    missing = [k for k in budget.ablations if k not in keys]
-    if missing:
-        problems.append(f"ablation flips of {', '.join(missing)} (not in this build's config)")
-    if problems and budget.strict:
-        raise StudyError("the full study would not be fair in this build (issues 12/13 are "
-                         "not merged?):\n  - " + "\n  - ".join(problems) + "\nmerge them, or "
-                         "run --quick/--smoke-test, or narrow the study with --ablations")
-    for problem in problems:
-        log(f"note: left out: {problem}")
-    if missing:
-        raise StudyError(f"--ablations names keys this build's config lacks: {missing}; pass "
-                         "--ablations with keys from " + ", ".join(
-                             k for k in ABLATIONS if k in keys))
-    return left
+        load_search_space(path, list(budget.sets))
 
 
 def fingerprint(budget: Budget, work: Work, search_seed: int) -> dict:
@@ -942,17 +885,19 @@ def rung_analyses(sweeps: dict[str, SweepResult], groups: dict[str, list[sr.Run]
     rungs = asha_rungs(budget)
     common = {"reduction_factor": budget.reduction_factor, "final_metric": OBJECTIVE}
     analyses = []
+    # (rung metric, its direction): the sweeps' own, and AP50 (the objective) for comparison
+    judged = dict.fromkeys(((budget.rung_metric, budget.rung_mode), (OBJECTIVE, "max")))
     for loss, sweep in sweeps.items():
-        for metric in dict.fromkeys((budget.rung_metric, OBJECTIVE)):
+        for metric, direction in judged:
             analyses.append((f"{loss} sweep, trials that ran to the end", rung_trust(
-                sweep.histories, rungs, rung_metric=metric, final_epoch=budget.max_epochs,
-                **common)))
+                sweep.histories, rungs, rung_metric=metric, rung_mode=direction,
+                final_epoch=budget.max_epochs, **common)))
     retrains = {f"{variant}/seed{run.seed}": {int(m["epoch"]): m for m in run.history}
                 for variant, runs in groups.items() for run in runs}
     pooled = []
-    for metric in dict.fromkeys((budget.rung_metric, OBJECTIVE)):
-        result = rung_trust(retrains, rungs, rung_metric=metric, final_epoch=budget.epochs,
-                            **common)
+    for metric, direction in judged:
+        result = rung_trust(retrains, rungs, rung_metric=metric, rung_mode=direction,
+                            final_epoch=budget.epochs, **common)
         analyses.append(("all retrains (unpruned)", result))
         pooled.append((metric, result))
     words = []
@@ -995,7 +940,7 @@ def gather_runs(tasks: list[Task], work: Work, budget: Budget) -> dict[str, list
 
 
 def render(work: Work, budget: Budget, mode: str, args: argparse.Namespace,
-           images: Path, out: Path, pending: dict[str, list[str]]) -> tuple[str, dict]:
+           images: Path, out: Path) -> tuple[str, dict]:
     """The section's markdown, and the verdict (for the console)."""
     from ifsearch.config import load_config
     from ifsearch.search_space import load_search_space
@@ -1060,8 +1005,9 @@ mean ± std over the seeds that reached it): {sr.convergence_sentence(main, labe
 - **Sweeps**: `python -m ifsearch.launch`, {budget.num_samples} trials x <= {budget.max_epochs}
   epochs each, TPE (searcher seed {args.search_seed}) + ASHA (grace period
   {budget.grace_period}, reduction factor {budget.reduction_factor}: rungs at epochs
-  {", ".join(map(str, rungs)) or "none"}, judged on `{budget.rung_metric}`); the objective is
-  val AP50 at a trial's last epoch.
+  {", ".join(map(str, rungs)) or "none"}, judged on `{budget.rung_metric}`, higher
+  {"better" if budget.rung_mode == "max" else "worse"}); the objective is val AP50 at a
+  trial's last epoch.
 - **Retrains**: each sweep's `best_config.yaml` trained again with `python -m ifsearch.train`
   for {budget.epochs} epochs, seeds {", ".join(map(str, budget.seeds))} (model init and data
   order; the scenes are the same), {args.jobs} run(s) at a time, variants interleaved seed by
@@ -1081,7 +1027,7 @@ mean ± std over the seeds that reached it): {sr.convergence_sentence(main, labe
 
 ### Searched parameters
 
-{sr.spaces_table(spaces, pending)}
+{sr.spaces_table(spaces)}
 
 ### Sweeps
 
@@ -1209,7 +1155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, default=None, help="epochs per sweep trial")
     p.add_argument("--grace-period", type=int, default=None, help="ASHA's first rung (epochs)")
     p.add_argument("--reduction-factor", type=int, default=None, help="ASHA's reduction factor")
-    p.add_argument("--rung-metric", default=None, help="the metric ASHA judges rungs on")
+    p.add_argument("--rung-metric", default=None, metavar="METRIC[:min|max]",
+                   help="the metric ASHA judges rungs on (the launcher's scheduler.metric); "
+                        "a metric other than AP50 needs its direction, e.g. val_loss:min")
     p.add_argument("--epochs", type=int, default=None, help="epochs per retrain")
     p.add_argument("--seeds", default=None, help="retrain seeds, comma-separated")
     p.add_argument("--ablation-seeds", default=None, help="seeds of each flip, comma-separated")
@@ -1255,11 +1203,19 @@ def resolve_budget(args: argparse.Namespace) -> tuple[str, Budget]:
     changes = {k: v for k, v in {
         "num_samples": args.num_samples, "max_epochs": args.max_epochs,
         "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
-        "rung_metric": args.rung_metric, "epochs": args.epochs, "seeds": _seeds(args.seeds),
+        "epochs": args.epochs, "seeds": _seeds(args.seeds),
         "ablation_seeds": _seeds(args.ablation_seeds)}.items() if v is not None}
     # One --set per key, the later winning (a recipe's sizes replace the smoke mode's).
     sets = {item.partition("=")[0].strip(): item for item in (*budget.sets, *args.sets)}
     budget = replace(budget, ablations=ablations, sets=tuple(sets.values()), **changes)
+    if args.rung_metric:
+        metric, sep, direction = args.rung_metric.partition(":")
+        if not sep and metric != OBJECTIVE:  # the launcher's rule: a guessed direction is
+            raise StudyError(f"--rung-metric {metric}: say whether higher or lower is better, "
+                             f"e.g. --rung-metric {metric}:max")  # the best trials stopped
+        if direction not in ("", "min", "max"):
+            raise StudyError(f"--rung-metric {args.rung_metric}: the mode must be min or max")
+        budget = replace(budget, rung_metric=metric, rung_mode=direction or "max")
     if budget.grace_period > budget.max_epochs:
         raise StudyError(f"--grace-period {budget.grace_period} must be <= --max-epochs "
                          f"{budget.max_epochs}")
@@ -1308,7 +1264,7 @@ def _run(work: Work, budget: Budget, mode: str, args: argparse.Namespace, out: P
             raise StudyError(f"the launcher of sweep {loss} from an earlier run (pid {pid}) is "
                              f"still running; stop it with `kill -INT -{pid}` (its Tune state "
                              "is saved) and start the study again")
-    pending = prepare_spaces(work, budget, log)
+    prepare_spaces(work, budget)
     check_fingerprint(work, fingerprint(budget, work, args.search_seed))
     log(f"study ({mode}) in {work.root}; section -> {out}, plots -> {images}")
 
@@ -1327,7 +1283,7 @@ def _run(work: Work, budget: Budget, mode: str, args: argparse.Namespace, out: P
     for loss in LOSSES:
         if sweep_action(work, loss) != "done":
             raise StudyError(f"--report-only: sweep {loss} is not finished in {work.root}")
-    body, result = render(work, budget, mode, args, images, out, pending)
+    body, result = render(work, budget, mode, args, images, out)
     write_section(SECTION, TITLE, body, path=out)
     log(f"wrote section '{SECTION}' to {out} and plots to {images}")
     print(result["headline"].replace("**", ""), flush=True)

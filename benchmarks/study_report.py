@@ -356,7 +356,7 @@ def _describe_param(spec) -> str:
     return text
 
 
-def spaces_table(spaces: dict[str, Any], pending: dict[str, list[str]]) -> str:
+def spaces_table(spaces: dict[str, Any]) -> str:
     """Every searched parameter per side, from the loaded study spaces (not hand-written)."""
     names = list(dict.fromkeys(k for space in spaces.values() for k in space.params))
     rows = []
@@ -368,11 +368,6 @@ def spaces_table(spaces: dict[str, Any], pending: dict[str, list[str]]) -> str:
             else:
                 cells.append("not searched")
         rows.append([f"`{name}`", *cells])
-    for loss, keys in pending.items():
-        for key in keys:
-            cells = ["not searched: its config key is not in this build (issue 12)"
-                     if other == loss else "–" for other in spaces]
-            rows.append([f"`{key}`", *cells])
     return markdown_table(["parameter", *(f"{loss} space" for loss in spaces)], rows)
 
 

@@ -38,6 +38,8 @@ from ifsearch.tracking_server import (
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "influencer_default.yaml"
 RUNS_DIR = Path("runs")
 STORAGE_ENV = "IFSEARCH_STORAGE"  # default --storage, e.g. set once on every cluster node
+# ifsearch's OptunaSearcher, or Ray's stock OptunaSearch (benchmarks/search_efficiency.py)
+SEARCHER_IMPLS = ("ifsearch", "ray")
 PROGRESS_METRICS = ("epoch", "AP50", "AP", "AP25", "val_loss", "duplicate_rate", "epoch_seconds")
 
 
@@ -68,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Optuna sampler: tpe, random, cmaes, nsga2 "
                         "(multi-objective: the objective metric vs epoch_seconds); default: the "
                         "space's searcher.name")
+    p.add_argument("--searcher-impl", choices=SEARCHER_IMPLS, default="ifsearch",
+                   help="which code tells Optuna what Tune did: ifsearch's searcher (trials the "
+                        "scheduler stopped are PRUNED) or Ray's stock OptunaSearch (they are "
+                        "COMPLETE with their truncated value). Exists so "
+                        "benchmarks/search_efficiency.py can measure the difference; keep the "
+                        "default otherwise (ray: no --resume of the study, no --num-samples "
+                        "raise on resume)")
     p.add_argument("--workers-per-trial", type=int, default=1,
                    help="Ray Train workers (DDP ranks) per trial")
     p.add_argument("--cpus-per-worker", type=float, default=1.0,
@@ -163,6 +172,9 @@ class SweepPlan:
     rung_metric: str  # what the scheduler's rungs compare (default: the objective)
     rung_mode: str
     optuna_storage: str | None  # the study's database URL; None = sqlite in the sweep dir
+    # "ifsearch" (OptunaSearcher, the truth told) or "ray" (Ray's OptunaSearch, for the
+    # efficiency benchmark's comparison only)
+    searcher_impl: str = "ifsearch"
 
 
 def plan_sweep(args: argparse.Namespace) -> SweepPlan:
@@ -206,7 +218,7 @@ def plan_sweep(args: argparse.Namespace) -> SweepPlan:
         seed=args.seed if args.seed is not None else space.searcher.get("seed", 0),
         metric=space.objective["metric"], mode=space.objective["mode"], warm_start=warm,
         worker_resources=worker_resources, rung_metric=rung_metric, rung_mode=rung_mode,
-        optuna_storage=args.optuna_storage,
+        optuna_storage=args.optuna_storage, searcher_impl=args.searcher_impl,
     )
 
 

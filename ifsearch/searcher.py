@@ -301,8 +301,15 @@ def restored_search(tuner: Any) -> SweepGenerator | None:
     return search if isinstance(search, SweepGenerator) else None
 
 
-def build_searcher(plan: SweepPlan, storage: str) -> OptunaSearcher:
-    """The sweep's OptunaSearcher with the chosen sampler; creates its study in ``storage``."""
+def build_searcher(plan: SweepPlan, storage: str) -> Searcher:
+    """The sweep's searcher with the chosen sampler; creates its study in ``storage``.
+
+    ``plan.searcher_impl == "ray"`` builds Ray's stock ``OptunaSearch`` instead of
+    ``OptunaSearcher``, with the same sampler, seed, space, warm start, study name and storage:
+    the old behaviour (stopped trials told COMPLETE with their truncated value, intermediate
+    values by ``training_iteration``), kept only so benchmarks/search_efficiency.py can measure
+    what telling the truth is worth.
+    """
     samplers = {
         "tpe": lambda: optuna.samplers.TPESampler(
             seed=plan.seed, n_startup_trials=plan.space.searcher.get("n_startup_trials", 10)),
@@ -313,6 +320,15 @@ def build_searcher(plan: SweepPlan, storage: str) -> OptunaSearcher:
     metric, mode = plan.metric, plan.mode
     if plan.searcher == "nsga2":  # quality vs cost
         metric, mode = [plan.metric, "epoch_seconds"], [plan.mode, "min"]
+    if plan.searcher_impl == "ray":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(
+            space=plan.space.define_by_run, metric=metric, mode=mode,
+            sampler=samplers[plan.searcher](), study_name=plan.name,
+            storage=optuna.storages.RDBStorage(storage),
+            points_to_evaluate=[plan.warm_start] if plan.warm_start else None,
+        )
     return OptunaSearcher(
         space=plan.space.define_by_run, metric=metric, mode=mode,
         sampler=samplers[plan.searcher](), storage=storage, study_name=plan.name,
@@ -321,10 +337,18 @@ def build_searcher(plan: SweepPlan, storage: str) -> OptunaSearcher:
     )
 
 
-def build_search_alg(plan: SweepPlan, storage: str, max_concurrent: int) -> SweepGenerator:
-    """What the Tuner gets as ``search_alg``: budget, then concurrency, then the searcher."""
-    return SweepGenerator(ConcurrencyLimiter(build_searcher(plan, storage), max_concurrent),
-                          plan.num_samples)
+def build_search_alg(plan: SweepPlan, storage: str,
+                     max_concurrent: int) -> SweepGenerator | ConcurrencyLimiter:
+    """What the Tuner gets as ``search_alg``: budget, then concurrency, then the searcher.
+
+    Ray's ``OptunaSearch`` (``--searcher-impl ray``) gets Tune's own budget instead (Tune wraps
+    the limiter in a ``SearchGenerator``), so a resume treats it as a sweep started before
+    ifsearch had its own searcher (``restored_search`` is None).
+    """
+    limited = ConcurrencyLimiter(build_searcher(plan, storage), max_concurrent)
+    if plan.searcher_impl == "ray":
+        return limited
+    return SweepGenerator(limited, plan.num_samples)
 
 
 def build_scheduler(plan: SweepPlan):

@@ -18,7 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-from search_efficiency import Report, TrialInfo, budget_curve, read_sweep  # noqa: E402
+import search_efficiency as se  # noqa: E402
+from search_efficiency import Report, TrialInfo, read_sweep  # noqa: E402
+
+LAUNCH = 1000.0  # the launcher's start, epoch seconds
 
 
 def _trial(trial_id: str, start: float, values: list[float], epoch_s: float = 1.0) -> TrialInfo:
@@ -28,15 +31,89 @@ def _trial(trial_id: str, start: float, values: list[float], epoch_s: float = 1.
     return TrialInfo(trial_id, start, 10.0, 10.0 - epoch_s, reports)
 
 
-def test_budget_curve_cuts_reports_by_wall_clock_time():
-    # a reports at t = 10, 11, 12; b at t = 10.5, 11.5: by time a1 b1 a2 b2 | a3 (cut)
-    a = _trial("a", 0.0, [0.1, 0.2, 0.9])
-    b = _trial("b", 0.5, [0.5, 0.3])
-    curve = budget_curve([a, b], budget=4)
-    assert [(r.trial_id, r.epoch) for _, _, r in curve] == [("a", 1), ("b", 1), ("a", 2),
-                                                            ("b", 2)]
-    assert [used for used, _, _ in curve] == [1, 2, 3, 4]
-    assert [best for _, best, _ in curve] == [0.1, 0.5, 0.5, 0.5]  # a's 0.9 is over budget
+def _sweep(arm: se.Arm, seed: int, points: list[tuple[float, float]]) -> se.Sweep:
+    """A sweep whose reports come at (seconds after the launch, value), one trial each."""
+    trials = [TrialInfo(f"{arm.key}{seed}-{i}", LAUNCH + t - 1, 1.0, 0.5,
+                        [Report(f"{arm.key}{seed}-{i}", 1, v, LAUNCH + t)])
+              for i, (t, v) in enumerate(points)]
+    return se.Sweep(arm, seed, se.sweep_name(arm, seed), {"launch_time": LAUNCH}, trials)
+
+
+def test_incumbent_is_the_best_so_far_by_wall_clock_within_the_budget():
+    # a reports at t = 10, 11, 12 (after the launch); b at 10.5, 11.5
+    a = _trial("a", LAUNCH, [0.1, 0.2, 0.9])
+    b = _trial("b", LAUNCH + 0.5, [0.5, 0.3])
+    assert se.incumbent([a, b], LAUNCH, horizon=11.9) == [(10.0, 0.1), (10.5, 0.5)]
+    assert se.incumbent([a, b], LAUNCH, horizon=12.0) == [(10.0, 0.1), (10.5, 0.5),
+                                                          (12.0, 0.9)]
+    # a loss: lower is better
+    assert se.incumbent([a, b], LAUNCH, 100, mode="min") == [(10.0, 0.1)]
+
+
+def test_time_to_reach_and_the_mean_curve_by_hand():
+    curve = [(10.0, 0.2), (50.0, 0.4), (100.0, 0.5)]
+    assert se.time_to_reach(curve, 0.4) == 50.0  # equal counts as reached
+    assert se.time_to_reach(curve, 0.45) == 100.0
+    assert se.time_to_reach(curve, 0.51) is None
+    assert se.time_to_reach([(5.0, 3.0), (9.0, 1.0)], 2.0, mode="min") == 9.0
+    other = [(20.0, 0.3), (80.0, 0.6)]
+    # defined once both have reported (t = 20); then at every change of either
+    expected = [(20.0, 0.25, 0.2, 0.3), (50.0, 0.35, 0.3, 0.4), (80.0, 0.5, 0.4, 0.6),
+                (100.0, 0.55, 0.5, 0.6)]
+    got = se.mean_curve([curve, other])
+    assert len(got) == len(expected)
+    for row, want in zip(got, expected, strict=True):
+        assert row == pytest.approx(want)
+    assert se.mean_curve([curve, []]) == []  # a seed that never reported: no mean
+
+
+BASE = [[(10.0, 0.2), (50.0, 0.4), (100.0, 0.5)], [(20.0, 0.3), (80.0, 0.6)]]
+
+
+def _result(goal: list[list[tuple[float, float]]]) -> dict:
+    sweeps = [_sweep(se.BASELINE, seed, points) for seed, points in enumerate(BASE)]
+    sweeps += [_sweep(se.GOAL_ARM, seed, points) for seed, points in enumerate(goal)]
+    return se.analyse(sweeps, horizon=120.0, mode="max")
+
+
+def test_time_to_reach_the_baselines_final_best_per_seed_and_on_the_mean():
+    result = _result([[(5.0, 0.1), (30.0, 0.55)], [(15.0, 0.7)]])
+    # target: mean of the baseline's final bests (0.5, 0.6); its mean curve gets there at 100 s
+    assert result["target"] == pytest.approx(0.55)
+    base, goal = result["arms"][se.BASELINE.key], result["arms"][se.GOAL_ARM.key]
+    assert base["reach"] == 100.0
+    # goal mean curve: 15 s -> (0.1 + 0.7) / 2 = 0.4; 30 s -> (0.55 + 0.7) / 2 = 0.625
+    assert goal["reach"] == 30.0 and goal["ratio"] == pytest.approx(0.3)
+    # per seed, against that seed's own baseline (0.5 reached by it at 100 s, 0.6 at 80 s)
+    assert base["per_seed"][0]["reach"] == 100.0 and base["per_seed"][1]["reach"] == 80.0
+    assert goal["per_seed"][0]["reach"] == 30.0
+    assert goal["per_seed"][0]["ratio"] == pytest.approx(0.3)
+    assert goal["per_seed"][1]["reach"] == 15.0
+    assert goal["per_seed"][1]["ratio"] == pytest.approx(15 / 80)
+    sentence = se.goal_sentence(result, "AP50", 2)
+    assert sentence.startswith("**Goal met**: TPE + ASHA, ifsearch's searcher reached random "
+                               "+ FIFO's final best (val AP50 0.550, mean over 2 seeds), which "
+                               "random + FIFO itself reached after 100 s, after 30 s: 30% of")
+    assert "reached on 2 of 2, within 50% of random + FIFO's time on 2 of 2." in sentence
+
+
+def test_goal_sentence_when_too_slow_or_never():
+    slow = _result([[(5.0, 0.1), (30.0, 0.55)], [(60.0, 0.7)]])
+    goal = slow["arms"][se.GOAL_ARM.key]
+    assert goal["reach"] == 60.0  # the mean exists from 60 s: (0.55 + 0.7) / 2
+    sentence = se.goal_sentence(slow, "AP50", 2)
+    assert sentence.startswith("**Goal not met**") and "after 60 s: 60% of" in sentence
+    assert "reached on 2 of 2, within 50% of random + FIFO's time on 1 of 2." in sentence
+    never = _result([[(5.0, 0.1), (30.0, 0.45)], [(15.0, 0.5)]])
+    sentence = se.goal_sentence(never, "AP50", 2)
+    assert sentence.startswith("**Goal not met**: TPE + ASHA, ifsearch's searcher did not "
+                               "reach random + FIFO's final best")
+    assert "within the 120 s budget (its mean best: 0.475)" in sentence
+    assert "reached on 0 of 2" in sentence  # 0.45 < 0.5 and 0.5 < 0.6
+    # the baseline never reported in one seed: no target, no verdict
+    empty = se.analyse([_sweep(se.BASELINE, 0, []), _sweep(se.GOAL_ARM, 0, [(5.0, 0.9)])],
+                       horizon=120.0, mode="max")
+    assert se.goal_sentence(empty, "AP50", 1).startswith("**No answer**")
 
 
 def test_read_sweep_uses_tune_start_time_and_first_result(tmp_path):
@@ -78,7 +155,12 @@ def _run(script: str, out: Path, *args: str, timeout: float) -> str:
 def _table(text: str, section: str) -> list[dict[str, str]]:
     """The first markdown table of a section, as one dict per row."""
     body = text.split(f"<!-- begin {section} -->")[1].split(f"<!-- end {section} -->")[0]
-    lines = [line for line in body.splitlines() if line.startswith("|")]
+    lines = []
+    for line in body.splitlines():
+        if line.startswith("|"):
+            lines.append(line)
+        elif lines:
+            break  # the end of the first table
     headers = [cell.strip() for cell in lines[0].strip("|").split("|")]
     return [dict(zip(headers, (c.strip() for c in line.strip("|").split("|")), strict=True))
             for line in lines[2:]]
@@ -104,22 +186,35 @@ def test_throughput_smoke_writes_its_section(tmp_path):
 
 
 @pytest.mark.slow
-def test_search_efficiency_smoke_writes_its_section(tmp_path):
-    out = tmp_path / "benchmarks.md"
-    text = _run("search_efficiency.py", out, timeout=300)
+def test_search_efficiency_smoke_writes_its_section_and_a_rerun_skips(tmp_path):
+    out, work = tmp_path / "benchmarks.md", tmp_path / "work"
+    text = _run("search_efficiency.py", out, "--workdir", str(work), timeout=600)
     rows = _table(text, "search_efficiency")
-    assert list(rows[0]) == ["strategy", "seed", "trials run", "trial-epochs used (budget)",
-                             "best AP50 within budget",
-                             "budget to reach 90% of best (trial-epochs)",
-                             "median start-up overhead s", "median time to first report s",
-                             "wall-clock to spend budget s"]
-    assert sorted(r["strategy"] for r in rows) == ["TPE + ASHA", "random + FIFO"]
+    assert [r["arm"] for r in rows] == [a.label for a in se.ARMS]
     for row in rows:
-        used, budget = row["trial-epochs used (budget)"].replace("(", "").rstrip(")").split()
-        assert 1 <= int(used) <= int(budget) == 2
-        assert 1 <= int(row["trials run"]) <= 2
-        assert 0.0 <= float(row["best AP50 within budget"]) <= 1.0
-        assert float(row["median start-up overhead s"]) > 0
-        assert float(row["median time to first report s"]) >= float(
-            row["median start-up overhead s"])
-    assert (tmp_path / "img" / "search_efficiency.png").stat().st_size > 0
+        assert row["seeds"] == "1"
+        best = row["best val AP50 at 60 s, mean ± std [min .. max]"]
+        assert best == "n/a" or 0.0 <= float(best.split()[0]) <= 1.0
+    body = text.split("<!-- begin search_efficiency -->")[1]
+    assert any(goal in body for goal in ("**Goal met**", "**Goal not met**", "**No answer**"))
+    assert "### Were ASHA's rungs trustworthy?" in body
+    assert "| arm | rung epoch |" in body
+    # every arm's launcher ran the right searcher: Ray's arm persisted Ray's study
+    for arm in se.ARMS:
+        log = (work / "logs" / f"{se.sweep_name(arm, 0)}.log").read_text()
+        assert f"--searcher-impl {arm.impl}" in log and f"{arm.searcher} + {arm.scheduler}" in log
+        assert (work / f"{se.sweep_name(arm, 0)}.json").exists()
+    assert (tmp_path / "img" / "search_efficiency.png").read_bytes()[:4] == b"\x89PNG"
+    # A rerun finds every sweep finished: it only rebuilds the section.
+    stamps = {p: p.stat().st_mtime for p in (work / "logs").iterdir()}
+    again = subprocess.run([sys.executable, str(BENCHMARKS / "search_efficiency.py"),
+                            "--smoke-test", "--out", str(out), "--workdir", str(work)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "3 finished earlier; 0 to run" in again.stdout
+    assert {p: p.stat().st_mtime for p in (work / "logs").iterdir()} == stamps
+    # ... and refuses to mix sweeps of another budget into the same folder
+    other = subprocess.run([sys.executable, str(BENCHMARKS / "search_efficiency.py"),
+                            "--smoke-test", "--wall", "30", "--workdir", str(work)],
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "wall_s: 60.0 -> 30.0" in other.stderr

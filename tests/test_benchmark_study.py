@@ -133,23 +133,35 @@ def test_flips_are_the_other_values_of_each_factor():
     assert study.count_flips(tuple(study.ABLATIONS)) == len(got)
 
 
-def test_smoke_flips_exist_in_this_build():
-    assert set(study.SMOKE_ABLATIONS) <= study.config_keys()
+def test_every_flip_is_a_valid_override_of_this_build():
+    """Every ablation, from either side of each factor, makes a config this build accepts."""
+    from ifsearch.config import Config, apply_overrides, config_from_dict, config_to_dict
+
+    for best in ({"loss.mask_prob": "sigmoid", "loss.mean": "geometric",
+                  "loss.class_target": "threshold", "loss.deep_supervision": True,
+                  "loss.spill_weight": 0.0, "loss.duplicate_weight": 0.5},
+                 {"loss.mask_prob": "softmax", "loss.mean": "arithmetic",
+                  "loss.class_target": "soft", "loss.deep_supervision": False,
+                  "loss.spill_weight": 1.0, "loss.duplicate_weight": 0.0}):
+        made = study.flips(best, tuple(study.ABLATIONS))
+        assert len(made) == study.count_flips(tuple(study.ABLATIONS))
+        for _, _, override in made:
+            key, value = override.split("=")
+            section, name = key.split(".")
+            config = config_from_dict(apply_overrides(config_to_dict(Config()), [override]))
+            assert str(getattr(getattr(config, section), name)).lower() == value.lower()
+    assert set(study.SMOKE_ABLATIONS) <= set(study.ABLATIONS)
 
 
 # --------------------------------------------------------------------------------- spaces
 
 
-def _space_with_pending(name: str) -> dict:
-    text = study.SPACES[name].read_text()
-    lines = text.splitlines()
-    for index, uncommented, _ in study.pending_lines(text):
-        lines[index] = uncommented
-    return yaml.safe_load("\n".join(lines))
+def _space(name: str) -> dict:
+    return yaml.safe_load(study.SPACES[name].read_text())
 
 
 def test_study_spaces_are_fair():
-    inf, hun = _space_with_pending("influencer"), _space_with_pending("hungarian")
+    inf, hun = _space("influencer"), _space("hungarian")
     assert inf["base"]["data"] == hun["base"]["data"]
     assert inf["base"]["model"] == hun["base"]["model"]
     assert inf["base"]["train"] == hun["base"]["train"]
@@ -168,45 +180,62 @@ def test_study_spaces_are_fair():
     assert set(study.ABLATIONS) <= set(inf["space"])
 
 
-def test_pending_lines_are_enabled_only_with_their_keys():
+def test_effective_space_carries_the_budget_and_the_rung_metric(tmp_path):
+    """The written space holds the mode's budget and scheduler, and the launcher reads them."""
+    from argparse import Namespace
+
+    from ifsearch.launch import parse_rung_metric
+    from ifsearch.searcher import build_scheduler
+
     text = study.SPACES["influencer"].read_text()
-    budget = study.BUDGETS["smoke"]
-    keys = study.config_keys()
-    today, left = study.effective_space(text, budget, keys, scheduler_metric=False)
-    # claim_threshold exists today, but its condition names class_target, which does not
-    expected = {k for k in ("loss.mean", "loss.class_target", "loss.spill_weight",
-                            "loss.duplicate_weight") if k not in keys}
-    if "loss.class_target" not in keys:
-        expected.add("loss.claim_threshold")
-    assert set(left) == expected
-    assert not expected & set(yaml.safe_load(today)["space"])
-    future = keys | {"loss.mean", "loss.class_target", "loss.spill_weight",
-                     "loss.duplicate_weight"}
-    later, left_later = study.effective_space(text, study.BUDGETS["full"], future,
-                                              scheduler_metric=True)
-    assert left_later == []
-    raw = yaml.safe_load(later)
-    assert raw["space"]["loss.claim_threshold"]["when"] == {"loss.class_target": "threshold"}
+    full = study.effective_space(text, study.BUDGETS["full"])
+    raw = yaml.safe_load(full)
+    assert raw["space"] == _space("influencer")["space"]  # every line as the source has it
     assert raw["budget"] == {"num_samples": 32, "max_epochs": 60, "grace_period": 10}
     assert raw["scheduler"] == {"name": "asha", "reduction_factor": 3,
                                 "metric": "AP50_agnostic", "mode": "max"}
-    assert yaml.safe_load(today)["scheduler"] == {"name": "asha", "reduction_factor": 2}
+    path = tmp_path / "full.yaml"
+    path.write_text(full)
+    space = load_search_space(path)
+    assert parse_rung_metric(None, space, "asha") == ("AP50_agnostic", "max")
+    plan = Namespace(rung_metric="AP50_agnostic", rung_mode="max", space=space, max_epochs=60,
+                     grace_period=10, scheduler="asha")
+    asha = build_scheduler(plan)  # Ray's own scheduler object, as the launcher builds it
+    assert (asha._metric, asha._mode, asha._reduction_factor) == ("AP50_agnostic", "max", 3)
+    # the smoke mode judges on the objective itself: no scheduler.metric at all
+    smoke = yaml.safe_load(study.effective_space(text, study.BUDGETS["smoke"]))
+    assert smoke["scheduler"] == {"name": "asha", "reduction_factor": 2}
+    # a rung metric with its direction from the CLI reaches the file
+    args = study.build_parser().parse_args(["--quick", "--rung-metric", "val_loss:min"])
+    _, budget = study.resolve_budget(args)
+    lower = yaml.safe_load(study.effective_space(text, budget))["scheduler"]
+    assert (lower["metric"], lower["mode"]) == ("val_loss", "min")
+    path.write_text(study.effective_space(text, budget))
+    assert load_search_space(path).scheduler["mode"] == "min"
+
+
+def test_rung_metric_without_a_direction_is_refused():
+    args = study.build_parser().parse_args(["--quick", "--rung-metric", "val_loss"])
+    with pytest.raises(study.StudyError, match="--rung-metric val_loss:max"):
+        study.resolve_budget(args)
+    args = study.build_parser().parse_args(["--quick", "--rung-metric", "AP50"])
+    assert study.resolve_budget(args)[1].rung_metric == "AP50"  # the objective: its own mode
 
 
 def test_spaces_table_lists_every_searched_parameter(tmp_path):
     spaces = {}
     for loss in study.LOSSES:
-        text, _ = study.effective_space(study.SPACES[loss].read_text(), study.BUDGETS["smoke"],
-                                        study.config_keys(), False)
+        text = study.effective_space(study.SPACES[loss].read_text(), study.BUDGETS["smoke"])
         (tmp_path / f"{loss}.yaml").write_text(text)
         spaces[loss] = load_search_space(tmp_path / f"{loss}.yaml")
-    table = sr.spaces_table(spaces, {"influencer": ["loss.mean"], "hungarian": []})
+    table = sr.spaces_table(spaces)
     for loss, space in spaces.items():
         for key in space.params:
             assert f"| `{key}` |" in table
     assert "| `train.lr` | loguniform 0.0001 .. 0.01 | loguniform 0.0001 .. 0.01 |" in table
     assert "| `loss.mask_weight` | not searched | loguniform 1 .. 20 |" in table
-    assert "| `loss.mean` | not searched: its config key is not in this build" in table
+    assert ("| `loss.claim_threshold` | loguniform 0.05 .. 0.9 (when loss.class_target = "
+            "threshold) | not searched |") in table
 
 
 # ------------------------------------------------------------------------ resume logic

@@ -430,3 +430,43 @@ def test_asha_stops_trials_whose_objective_is_tied_at_zero(tmp_path, mlflow_serv
     assert all((frame["AP50"] == 0).all() for frame in frames)  # the objective ties everywhere
     epochs = sorted(int(frame["epoch"].max()) for frame in frames)
     assert epochs[0] == 1 and epochs[-1] == 2, epochs  # some stopped at the rung, one ran on
+
+
+# --------------------------------------------------------------------------------------------
+# --searcher-impl: Ray's stock OptunaSearch, kept for benchmarks/search_efficiency.py
+
+
+def test_searcher_impl_ray_builds_rays_optuna_search_with_the_same_sampler(tmp_path):
+    from ray.tune.search.optuna import OptunaSearch
+
+    from ifsearch.searcher import build_search_alg
+
+    space = {**ZERO_OBJECTIVE_SPACE, "searcher": {"name": "tpe", "seed": 3}}
+    ours = build_search_alg(plan_for(tmp_path, space, "--name", "a"),
+                            f"sqlite:///{tmp_path / 'a.db'}", 2)
+    assert isinstance(ours, SweepGenerator) and isinstance(ours.optuna, OptunaSearcher)
+    plan = plan_for(tmp_path, space, "--searcher-impl", "ray", "--name", "b")
+    theirs = build_search_alg(plan, f"sqlite:///{tmp_path / 'b.db'}", 2)
+    assert not isinstance(theirs, SweepGenerator)  # Tune's own budget: no ifsearch resume
+    assert type(theirs.searcher) is OptunaSearch and theirs.max_concurrent == 2
+    # Same sampler and seed: the first configs equal those of a plain seeded TPE study.
+    reference = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=3))
+    for number in range(2):
+        expected = reference.ask()
+        plan.space.define_by_run(expected)
+        assert theirs.suggest(f"t{number}") == expected.params
+        assert ours.optuna.suggest(f"t{number}") == expected.params
+    # The difference the benchmark measures: a trial the scheduler stopped at epoch 1 of 4.
+    for searcher in (theirs, ours.optuna):
+        searcher.on_trial_result("t0", {"epoch": 1, "training_iteration": 1, "AP50": 0.25})
+        searcher.on_trial_complete("t0", {"epoch": 1, "training_iteration": 1, "AP50": 0.25})
+    stock = optuna.load_study(study_name="b", storage=f"sqlite:///{tmp_path / 'b.db'}")
+    told = optuna.load_study(study_name="a", storage=f"sqlite:///{tmp_path / 'a.db'}")
+    assert (stock.trials[0].state, stock.trials[0].value) == (COMPLETE, 0.25)  # truncated
+    assert told.trials[0].state == PRUNED  # TPE ranks it after every COMPLETE trial
+    assert stock.trials[0].intermediate_values == told.trials[0].intermediate_values == {1: 0.25}
+
+
+def test_searcher_impl_is_refused_when_unknown():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--searcher-impl", "optuna"])
