@@ -41,6 +41,14 @@ from ray.tune.experiment import Trial
 LOG_NAME = "launch.log"
 
 
+def say(text: str = "") -> None:
+    """A line for the person at the terminal: through the active :class:`Console`, else print."""
+    if Console.active is not None:
+        Console.active.say(text)
+    else:
+        print(text, flush=True)
+
+
 class Console:
     """The terminal, kept for people while the process's stdout/stderr go to a log file.
 
@@ -53,6 +61,8 @@ class Console:
         verbose: keep everything on the terminal.
     """
 
+    active: Console | None = None  # the one in use: ``say`` and ``ProgressTable`` write to it
+
     def __init__(self, log_path: Path, verbose: bool = False) -> None:
         self.log_path = Path(log_path)
         self.verbose = verbose
@@ -62,6 +72,7 @@ class Console:
         self._log: IO[str] | None = None
 
     def __enter__(self) -> Console:
+        Console.active = self
         if self.verbose:
             return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +87,7 @@ class Console:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        Console.active = None
         if self.verbose or not self._saved:
             return
         sys.stdout.flush()
@@ -120,8 +132,11 @@ def _format(value: Any) -> str:
 class ProgressTable(tune.Callback):
     """The live trial table and one line per trial that ends (a Tune callback, driver side).
 
+    It writes to the active :class:`Console` (none, or a verbose one: it stays silent and
+    Tune's own reporter speaks), so the callback Tune saves with the experiment and restores on
+    ``--resume`` needs no state of its own beyond the sweep's settings.
+
     Args:
-        console: where to write.
         sweep: the sweep's name; trials are called ``<sweep>/tNN`` in creation order, as their
             MLflow runs are.
         params: the searched parameters (dotted keys), in the space's order.
@@ -131,9 +146,8 @@ class ProgressTable(tune.Callback):
         max_rows: trials listed; beyond it the running ones and the best finished ones.
     """
 
-    def __init__(self, console: Console, sweep: str, params: list[str], metric: str, mode: str,
+    def __init__(self, sweep: str, params: list[str], metric: str, mode: str,
                  max_epochs: int, refresh_seconds: float = 30.0, max_rows: int = 20) -> None:
-        self.console = console
         self.sweep = sweep
         self.params = params
         self.metric = metric
@@ -145,14 +159,17 @@ class ProgressTable(tune.Callback):
         self._last_print = 0.0
         self._last_text = ""
 
-    def __getstate__(self) -> dict:  # Tune saves callbacks with the experiment
-        state = dict(self.__dict__)
-        state["console"] = None
-        return state
+    def __setstate__(self, state: dict) -> None:  # restored on --resume: a fresh terminal
+        self.__dict__.update(state, _drawn_lines=0, _last_print=0.0, _last_text="")
+
+    @property
+    def console(self) -> Console | None:
+        console = Console.active
+        return None if console is None or console.verbose else console
 
     # -- Tune hooks ---------------------------------------------------------------------------
 
-    def on_step(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+    def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         if self.console is None:
             return
         now = time.monotonic()

@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "first trial")
     p.add_argument("--seed", type=int, default=None,
                    help="searcher seed (default: the space's searcher.seed)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show Ray's, Ray Train's and Tune's own output on the terminal (by "
+                        "default it goes to launch.log in the sweep folder, and the terminal "
+                        "shows the phases, the live trial table and the summary)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE",
                    help="fix a config value for every trial (repeatable), e.g. "
@@ -211,6 +215,7 @@ def plan_sweep(args: argparse.Namespace) -> SweepPlan:
     rung_metric, rung_mode = parse_rung_metric(args.rung_metric, space, scheduler)
     if args.optuna_storage is not None:
         _check_database_url(args.optuna_storage)
+    _check_sweep_state(storage, name, args.resume, args.optuna_storage)
     return SweepPlan(
         space=space, name=name, storage=storage, num_samples=num_samples,
         max_epochs=max_epochs, grace_period=grace, scheduler=scheduler,
@@ -249,6 +254,48 @@ def parse_rung_metric(text: str | None, space: SearchSpace, scheduler: str) -> t
         raise ConfigError(f"--rung-metric {text}: mode {mode!r} must be one of {list(MODES)}, "
                           "e.g. val_loss:min or AP25:max")
     return metric, mode
+
+
+def sweep_location(storage: str, name: str) -> tuple[str, Path]:
+    """(the sweep's Tune folder, as a path or URI; the local folder of its exported files).
+
+    Storage may be a URI (s3://...): it is joined as text, and the exported files (best config,
+    report, Optuna's default sqlite study, the log) then go to runs/sweeps/<name> locally.
+    """
+    sweep_uri = f"{storage.rstrip('/')}/{name}"
+    local_dir = Path(sweep_uri) if "://" not in sweep_uri else RUNS_DIR / "sweeps" / name
+    return sweep_uri, local_dir
+
+
+def _check_sweep_state(storage: str, name: str, resume: bool, optuna_storage: str | None) -> None:
+    """Refuse, before anything starts, a --resume with no saved state and a new sweep whose
+    Optuna study already exists (its trials would mix with the old ones)."""
+    sweep_uri, local_dir = sweep_location(storage, name)
+    if resume:
+        from ray.tune import Tuner  # reads the folder (or bucket); starts nothing
+
+        if not Tuner.can_restore(sweep_uri):
+            raise ConfigError(f"--resume: no Tune experiment state in {sweep_uri}; pass the "
+                              "--name (and --storage) of a sweep that was started")
+        return
+    from ifsearch.searcher import STUDY_FILE, default_storage
+
+    if optuna_storage is None and not (local_dir / STUDY_FILE).exists():
+        return  # a new sweep's default study file: nothing to collide with
+    import optuna
+
+    url = optuna_storage or default_storage(local_dir)
+    try:
+        names = optuna.study.get_all_study_names(storage=url)
+    except Exception as exc:  # sqlalchemy's errors: unreachable, bad credentials, ...
+        raise ConfigError(f"cannot open the Optuna storage {redact_uri(url)}: "
+                          f"{type(exc).__name__}: {exc}; check --optuna-storage") from None
+    if name in names:
+        raise ConfigError(
+            f"the Optuna study {name!r} already exists in {redact_uri(url)}: a new sweep of that "
+            f"name would mix its trials with the old ones; continue it with --resume --name "
+            f"{name}, pick another --name, or delete the study (optuna delete-study "
+            f"--study-name {name} --storage URL)")
 
 
 def _check_database_url(url: str) -> None:
@@ -311,18 +358,31 @@ def _newest_sweep(storage: str, space_path: Path) -> str:
 
 def resolve_tracking_uri(cli_uri: str | None, start_local: bool = True) -> str:
     """--mlflow-uri, else $MLFLOW_TRACKING_URI (both checked), else the local server."""
+    return given_tracking_uri(cli_uri) or local_tracking_uri(start=start_local)
+
+
+def given_tracking_uri(cli_uri: str | None) -> str | None:
+    """--mlflow-uri, else $MLFLOW_TRACKING_URI, checked (reachable); None when neither is set."""
     uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         check_tracking_uri(uri)
-        return uri
+    return uri or None
+
+
+def local_tracking_uri(start: bool = True, say=print) -> str:
+    """The local MLflow server under runs/mlflow: reused when running, else started (``start``).
+
+    Starting it is a side effect a refused sweep must not leave behind: the launcher calls this
+    only once every check has passed (and Ray is up).
+    """
     root = RUNS_DIR / "mlflow"
     server = running_server(root)
     if server is None:
-        if not start_local:
+        if not start:
             raise IfsearchError(f"no --mlflow-uri, no $MLFLOW_TRACKING_URI and no local server "
                                 f"under {root}; start one with `python -m "
                                 f"ifsearch.tracking_server start`")
-        print(f"starting a local MLflow server under {root} ...", flush=True)
+        say(f"starting a local MLflow server under {root} ...")
         server = start_local_server(root)
     return server.url
 
@@ -341,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             check_local_trial(args.workers_per_trial, args.cpus_per_worker,
                               args.gpus_per_worker, *local_machine())
         prepare_data(plan.space, str(args.space))
-        tracking_uri = resolve_tracking_uri(args.mlflow_uri)
+        tracking_uri = given_tracking_uri(args.mlflow_uri)  # the local server starts later
     except IfsearchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -13,9 +13,16 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from ifsearch.console import LOG_NAME, Console, ProgressTable, say
 from ifsearch.errors import IfsearchError
 from ifsearch.export import write_best_config
-from ifsearch.launch import PROGRESS_METRICS, RUNS_DIR, SweepPlan, resume_command
+from ifsearch.launch import (
+    PROGRESS_METRICS,
+    SweepPlan,
+    local_tracking_uri,
+    resume_command,
+    sweep_location,
+)
 from ifsearch.searcher import (  # noqa: F401  (build_searcher: re-exported for callers)
     build_scheduler,
     build_search_alg,
@@ -30,7 +37,12 @@ from ifsearch.resources import (
     local_machine,
     local_ray_cpus,
 )
-from ifsearch.sweep_report import write_plots, write_trials_csv
+from ifsearch.sweep_report import (
+    slot_efficiency,
+    sweep_rung_trust,
+    write_plots,
+    write_trials_csv,
+)
 from ifsearch.tracking import (
     DIVERGED,
     INTERRUPTED_TAG,
@@ -89,8 +101,8 @@ def wait_for_a_fitting_node(bundle: dict[str, float], address: str, wait: float)
     if wait > 0:
         from ray.autoscaler.sdk import request_resources
 
-        print(f"no node of {address} can hold a worker ({_describe(bundle)}) yet; asking the "
-              f"autoscaler and waiting up to {wait:g} s (--wait-for-nodes)", flush=True)
+        say(f"no node of {address} can hold a worker ({_describe(bundle)}) yet; asking the "
+              f"autoscaler and waiting up to {wait:g} s (--wait-for-nodes)")
         request_resources(bundles=[bundle])
         deadline = time.monotonic() + wait
         try:
@@ -169,13 +181,28 @@ def start_ray(args: argparse.Namespace,
     return concurrent, note
 
 
-def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> int:
-    """Run (or resume) the sweep and export the best config; returns the exit code."""
+def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str | None) -> int:
+    """Run (or resume) the sweep and export the best config; returns the exit code.
+
+    Every check that can refuse the sweep ran before (``ifsearch.launch``); the side effects
+    start here: Ray, then the local MLflow server when no ``tracking_uri`` was given. At the
+    default verbosity the terminal gets only the console's lines (``ifsearch.console``).
+    """
+    started = time.time()
+    sweep_uri, local_dir = sweep_location(plan.storage, plan.name)
+    with Console(local_dir / LOG_NAME, verbose=args.verbose):
+        try:
+            return _run_sweep(plan, args, tracking_uri, sweep_uri, local_dir, started)
+        finally:  # here, so the workers' last forwarded lines still go to the log
+            if ray.is_initialized():
+                ray.shutdown()
+
+
+def _run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str | None,
+               sweep_uri: str, local_dir: Path, started: float) -> int:
     concurrent, where = start_ray(args, plan.worker_resources)
-    print(where, flush=True)
-    # Storage may be a URI (s3://...): join it as text. Exported files always go to a local dir.
-    sweep_uri = f"{plan.storage.rstrip('/')}/{plan.name}"
-    local_dir = Path(sweep_uri) if "://" not in sweep_uri else RUNS_DIR / "sweeps" / plan.name
+    say(where)
+    tracking_uri = tracking_uri or local_tracking_uri(say=say)
     settings = TrialSettings(
         space=plan.space, num_workers=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
@@ -205,9 +232,7 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
     )
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table takes chosen columns
     if args.resume:
-        if not tune.Tuner.can_restore(sweep_uri):
-            raise IfsearchError(f"--resume: no Tune experiment state in {sweep_uri}")
-        print(f"resuming sweep {plan.name} from {sweep_uri}", flush=True)
+        say(f"resuming sweep {plan.name} from {sweep_uri}")
         # The run config (MLflow logger, reporter) is restored from the experiment with it.
         tuner = tune.Tuner.restore(sweep_uri, trainable=trainable, resume_errored=True)
         num_samples, study_url = _resume_search(tuner, plan, args)
@@ -219,6 +244,8 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
         logger = MlflowTrialLogger(tracking_uri, args.experiment, plan.name,
                                    plan.space, plan.max_epochs,
                                    spool_path=local_dir / SPOOL_NAME)
+        table = ProgressTable(plan.name, list(plan.space.params), plan.metric, plan.mode,
+                              plan.max_epochs)
         reporter = tune.CLIReporter(
             metric_columns=list(PROGRESS_METRICS),
             parameter_columns=list(plan.space.params)[:6],
@@ -226,7 +253,8 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
         )
         # A trial whose own process dies is restarted once; its Train run (same name) resumes
         # from the last checkpoint. Worker deaths are retried inside Train (trainables/).
-        run_config = tune.RunConfig(name=plan.name, storage_path=plan.storage, callbacks=[logger],
+        run_config = tune.RunConfig(name=plan.name, storage_path=plan.storage, 
+                                    callbacks=[logger, table],
                                     progress_reporter=reporter,
                                     failure_config=tune.FailureConfig(max_failures=1))
         tuner = tune.Tuner(
@@ -237,13 +265,13 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
             ),
             run_config=run_config,
         )
-    print(f"sweep {plan.name}: {num_samples} trials x <= {plan.max_epochs} epochs, "
+    say(f"sweep {plan.name}: {num_samples} trials x <= {plan.max_epochs} epochs, "
           f"{plan.searcher} + {plan.scheduler}, {concurrent} at once; MLflow {tracking_uri} "
-          f"(experiment {args.experiment!r})", flush=True)
-    print(f"MLflow UI:     {ui_link}", flush=True)  # the sweep's runs, best first
+          f"(experiment {args.experiment!r})")
+    say(f"MLflow UI:     {ui_link}")  # the sweep's runs, best first
     if study_url:
-        print(f"Optuna study {plan.name!r} in {redact_uri(study_url)} (open it with "
-              f"optuna-dashboard or optuna.load_study)", flush=True)
+        say(f"Optuna study {plan.name!r} in {redact_uri(study_url)} (open it with "
+              f"optuna-dashboard or optuna.load_study)")
         client.set_tag(parent_run_id, "ifsearch.optuna_study", plan.name)
         client.set_tag(parent_run_id, "ifsearch.optuna_storage", redact_uri(study_url))
     # Tune turns SIGINT into a clean stop that saves the experiment; give SIGTERM (what
@@ -259,12 +287,12 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
             runs = f"{marked} MLflow run(s) are marked KILLED ({INTERRUPTED_TAG}=true)"
         except UNREACHABLE as exc:
             runs = f"MLflow is unreachable ({type(exc).__name__}), runs were not marked"
-        print(f"\nsweep {plan.name} interrupted: its state is saved in {sweep_uri} and {runs}. "
-              f"Continue it with:\n  {resume_command(args, plan.name)}",
-              flush=True)
+        say(f"\nsweep {plan.name} interrupted: its state is saved in {sweep_uri} and {runs}. "
+              f"Continue it with:\n  {resume_command(args, plan.name)}")
         return 130
+    efficiency = slot_efficiency(results, started, time.time(), concurrent)
     return _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri, local_dir,
-                   ui_link)
+                   ui_link, efficiency)
 
 
 def _resume_search(tuner: tune.Tuner, plan: SweepPlan,
@@ -277,8 +305,8 @@ def _resume_search(tuner: tune.Tuner, plan: SweepPlan,
     """
     search = restored_search(tuner)
     if search is None:  # started before ifsearch kept its own study: Ray's state as saved
-        print("this sweep was started with Ray's OptunaSearch: it resumes as saved, without a "
-              "persisted Optuna study or a new --num-samples", flush=True)
+        say("this sweep was started with Ray's OptunaSearch: it resumes as saved, without a "
+              "persisted Optuna study or a new --num-samples")
         return plan.num_samples, None
     if args.num_samples is not None:
         search.num_samples = args.num_samples
@@ -299,8 +327,9 @@ def _interrupted(sweep_uri: str, num_samples: int) -> bool:
 
 
 def _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri: str,
-            local_dir: Path, ui_link: str) -> int:
-    """Pick the best trial, write and log best_config.yaml, the trials CSV and plots."""
+            local_dir: Path, ui_link: str, efficiency: dict[str, float]) -> int:
+    """Pick the best trial, write and log best_config.yaml, the trials CSV and plots; say how
+    much of the slot-time trained and whether the scheduler's rungs could be trusted."""
     ok = [r for r in results if r.error is None and plan.metric in (r.metrics or {})
           and not r.metrics.get(DIVERGED)]
     if not ok:
@@ -324,38 +353,54 @@ def _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri:
     report = local_dir / "report"  # kept next to best_config.yaml (and spooled if need be)
     csv_path = write_trials_csv(results, report / "trials.csv")
     plots = write_plots(results, plan, report / "plots")
+    trust = sweep_rung_trust(results, plan)
+    tags = {}
+    if trust is not None:
+        tags["ifsearch.rung_trust"] = trust["summary"]
     finish = {
         "kind": "parent_end", "sweep": plan.name, "status": "FINISHED",
         # best_<objective> is already logged, once per finished trial (MlflowTrialLogger).
-        "metrics": {k: best.metrics[k] for k in ("AP", "AP50", "AP25")
-                    if k in best.metrics and k != plan.metric},
+        "metrics": {**{k: best.metrics[k] for k in ("AP", "AP50", "AP25", "AP50_agnostic")
+                       if k in best.metrics and k != plan.metric},
+                    "slot_efficiency": efficiency["slot_efficiency"]},
         "artifacts": [str(p) for p in (best_path, best_path.with_name("best_config_trial.json"),
                                        csv_path)],
         "artifact_dirs": {"plots": str(plots)},
         "tags": {"ifsearch.best_trial": str(best.metrics.get("trial_id")),
-                 "ifsearch.checkpoint": str(checkpoint)},
+                 "ifsearch.checkpoint": str(checkpoint), **tags},
     }
     spool = Spool(local_dir / SPOOL_NAME, tracking_uri, args.experiment)
     if spool.path.exists():  # trial logging waits there: the parent goes last, after it
         spool.append(finish)
-        print(spool.warning(IfsearchError("some records could not be sent")), flush=True)
+        say(spool.warning(IfsearchError("some records could not be sent")))
     else:
         try:
             RunWriter(client, args.experiment).apply(finish)
         except UNREACHABLE as exc:
             spool.append(finish)
-            print(spool.warning(exc), flush=True)
+            say(spool.warning(exc))
     failed = len(results) - len(ok)
-    print("\nbest trial:", best.metrics.get("trial_id"),
-          " ".join(f"{k}={best.metrics[k]:.4f}" for k in ("AP", "AP50", "AP25")
-                   if k in best.metrics))
+    # ResultGrid lists trials in creation order, the order of their names (<sweep>/tNN)
+    trial_ids = [r.metrics.get("trial_id") for r in results if r.metrics]
+    best_id = best.metrics.get("trial_id")
+    best_name = (f"{plan.name}/t{trial_ids.index(best_id) + 1:02d}" if best_id in trial_ids
+                 else str(best_id))
+    say("\nbest trial: " + best_name + "  " + " ".join(
+        f"{k}={best.metrics[k]:.4f}" for k in dict.fromkeys((plan.metric, "AP50", "AP50_agnostic"))
+        if k in best.metrics))
     for key, value in sampled.items():
-        print(f"  {key}: {value}")
-    print(f"best config:   {best_path}")
-    print(f"checkpoint:    {checkpoint}")
-    print(f"MLflow UI:     {ui_link}")
-    print(f"retrain:       python -m ifsearch.train --config {best_path}")
-    print(f"warm start:    python -m ifsearch.launch --warm-start {best_path}")
+        say(f"  {key}: {value}")
+    say(f"best config:   {best_path}")
+    say(f"checkpoint:    {checkpoint}")
+    say(f"MLflow UI:     {ui_link}")
+    say(f"retrain:       python -m ifsearch.train --config {best_path}")
+    say(f"warm start:    python -m ifsearch.launch --warm-start {best_path}")
+    say(f"sweep efficiency: {efficiency['slot_efficiency']:.0%} of the slot-time went into "
+        f"training and validation epochs ({efficiency['epoch_seconds']:.0f} s of "
+        f"{efficiency['slot_seconds']:.0f} slot-seconds; the rest: Ray, MLflow and trial "
+        "start-up, reports, idle slots)")
+    if trust is not None and trust["trustworthy"] is False:
+        say(trust["summary"])
     if failed:
-        print(f"{failed} trial(s) failed; their errors are in {sweep_uri}")
+        say(f"{failed} trial(s) failed; their errors are in {sweep_uri}")
     return 0

@@ -267,25 +267,59 @@ def rung_trust(histories: Histories, rungs: Sequence[int], *, reduction_factor: 
 def sweep_rung_trust(results, plan, **options) -> dict | None:
     """``rung_trust`` of a finished sweep, from its Tune results and its plan; None without ASHA.
 
-    The rung metric is the scheduler's own (``scheduler.metric`` of the space, when the
-    launcher has one) else the objective; rungs, reduction factor and final epoch come from the
+    The rung metric is the scheduler's own (``plan.rung_metric``: ``--rung-metric``, else the
+    space's ``scheduler.metric``, else the objective); rungs, reduction factor and final epoch come from the
     plan. For the end-of-sweep summary: print ``summary`` when ``trustworthy`` is False.
 
     Args:
         results: Tune's ``ResultGrid`` (or any iterable of results with ``metrics`` and
             ``metrics_dataframe``).
         plan: the ``SweepPlan`` (``scheduler``, ``grace_period``, ``max_epochs``, ``metric``,
-            ``mode``, ``space.scheduler``).
+            ``mode``, ``rung_metric``, ``rung_mode``, ``space.scheduler``).
         options: passed to ``rung_trust`` (``top_k``, ``min_spearman``, ``min_complete``).
     """
     if plan.scheduler != "asha":
         return None
     scheduler = plan.space.scheduler
-    rung_metric = scheduler.get("metric", plan.metric)
-    rung_mode = scheduler.get("mode", plan.mode)
+    rung_metric, rung_mode = plan.rung_metric, plan.rung_mode  # --rung-metric or the space's
     rf = scheduler.get("reduction_factor", 2)
     histories = histories_from_results(results, sorted({plan.metric, rung_metric}))
     return rung_trust(histories, asha_rungs(plan.grace_period, plan.max_epochs, rf),
                       reduction_factor=rf, rung_metric=rung_metric, final_metric=plan.metric,
                       mode=plan.mode, rung_mode=rung_mode, final_epoch=plan.max_epochs,
                       **options)
+
+
+# ----------------------------------------------------------------------------------------------
+# How much of the sweep's slot-time went into training
+
+
+def slot_efficiency(results, started: float, ended: float, slots: int) -> dict[str, float]:
+    """The fraction of the sweep's slot-time spent in training and validation epochs.
+
+    ``sum(epoch_seconds) / ((ended - started) * slots)`` over the epochs reported between
+    ``started`` and ``ended`` (this session of the sweep: a resumed sweep counts its own epochs
+    and its own wall-clock). What is not in it: Ray and MLflow start-up, each trial's start-up,
+    report and checkpoint overhead, and slots left idle (a sweep's tail, a stalled trial).
+
+    Args:
+        results: Tune's ``ResultGrid`` (or results with a ``metrics_dataframe`` holding
+            ``epoch_seconds`` and Tune's ``timestamp``, in Unix seconds).
+        started, ended: the session's wall-clock bounds, in Unix seconds.
+        slots: trials that could run at once.
+
+    Returns:
+        ``{"slot_efficiency", "epoch_seconds", "slot_seconds"}``; efficiency 0 when no time
+        passed.
+    """
+    epoch_seconds = 0.0
+    for result in results:
+        frame = getattr(result, "metrics_dataframe", None)
+        if frame is None or "epoch_seconds" not in frame or "timestamp" not in frame:
+            continue
+        # Tune's timestamp is whole seconds: a report in the session's first second counts.
+        session = frame[(frame["timestamp"] >= int(started)) & (frame["timestamp"] <= ended)]
+        epoch_seconds += float(session["epoch_seconds"].fillna(0).sum())
+    slot_seconds = max(ended - started, 0.0) * max(slots, 1)
+    return {"slot_efficiency": epoch_seconds / slot_seconds if slot_seconds > 0 else 0.0,
+            "epoch_seconds": epoch_seconds, "slot_seconds": slot_seconds}

@@ -54,6 +54,7 @@ def test_verbose_console_redirects_nothing(tmp_path, capsys):
 class _Recorder:
     is_tty = False
     width = 200
+    verbose = False
 
     def __init__(self):
         self.lines = []
@@ -65,9 +66,26 @@ class _Recorder:
         raise AssertionError("no cursor moves without a terminal")
 
 
-def test_table_lists_status_epoch_objective_params_and_best_so_far():
+def _active(monkeypatch):
     rec = _Recorder()
-    table = ProgressTable(rec, "demo", ["train.lr", "loss.mask_prob"], "AP50", "max",
+    monkeypatch.setattr(Console, "active", rec)
+    return rec
+
+
+def test_table_is_silent_without_a_quiet_console(monkeypatch):
+    table = ProgressTable("demo", [], "AP50", "max", max_epochs=4)
+    monkeypatch.setattr(Console, "active", None)
+    table.on_step_end(0, [_trial("RUNNING", 1, 0.1)])  # nothing to write to: no error
+    verbose = _Recorder()
+    verbose.verbose = True  # --verbose: Tune's own reporter speaks
+    monkeypatch.setattr(Console, "active", verbose)
+    table.on_step_end(0, [_trial("RUNNING", 1, 0.1)])
+    assert verbose.lines == []
+
+
+def test_table_lists_status_epoch_objective_params_and_best_so_far(monkeypatch):
+    rec = _active(monkeypatch)
+    table = ProgressTable("demo", ["train.lr", "loss.mask_prob"], "AP50", "max",
                           max_epochs=4)
     trials = [_trial("TERMINATED", 4, 0.61, {"train.lr": 0.001, "loss.mask_prob": "softmax"}),
               _trial("RUNNING", 2, 0.70, {"train.lr": 0.0005, "loss.mask_prob": "sigmoid"}),
@@ -83,9 +101,9 @@ def test_table_lists_status_epoch_objective_params_and_best_so_far():
     assert table.render(trials)[0].endswith("best AP50 0.61 (demo/t01)")
 
 
-def test_one_line_per_ending_trial_says_how_it_ended():
-    rec = _Recorder()
-    table = ProgressTable(rec, "demo", [], "AP50", "max", max_epochs=4)
+def test_one_line_per_ending_trial_says_how_it_ended(monkeypatch):
+    rec = _active(monkeypatch)
+    table = ProgressTable("demo", [], "AP50", "max", max_epochs=4)
     done = _trial("TERMINATED", 4, 0.5)
     stopped = _trial("TERMINATED", 2, 0.1)
     diverged = _trial("TERMINATED", 1, float("nan"), diverged=True, error="DivergenceError: x")
@@ -102,25 +120,32 @@ def test_one_line_per_ending_trial_says_how_it_ended():
     ]
 
 
-def test_without_a_terminal_the_table_is_printed_every_refresh_period_only():
-    rec = _Recorder()
-    table = ProgressTable(rec, "demo", [], "AP50", "max", max_epochs=4, refresh_seconds=3600)
+def test_without_a_terminal_the_table_is_printed_every_refresh_period_only(monkeypatch):
+    rec = _active(monkeypatch)
+    table = ProgressTable("demo", [], "AP50", "max", max_epochs=4, refresh_seconds=3600)
     trials = [_trial("RUNNING", 1, 0.1)]
-    table.on_step(0, trials)
+    table.on_step_end(0, trials)
     printed = len(rec.lines)
     assert printed > 0
     trials[0].last_result["epoch"] = 2
-    table.on_step(1, trials)  # within the period: nothing new
+    table.on_step_end(1, trials)  # within the period: nothing new
     assert len(rec.lines) == printed
     table.refresh_seconds = 0
-    table.on_step(2, trials)
+    table.on_step_end(2, trials)
     assert len(rec.lines) == 2 * printed
 
 
-def test_long_sweeps_list_the_running_and_the_best_trials():
-    rec = _Recorder()
-    table = ProgressTable(rec, "big", [], "AP50", "max", max_epochs=4, max_rows=3)
+def test_long_sweeps_list_the_running_and_the_best_trials(monkeypatch):
+    rec = _active(monkeypatch)
+    table = ProgressTable("big", [], "AP50", "max", max_epochs=4, max_rows=3)
     trials = [_trial("TERMINATED", 4, v / 10) for v in range(10)] + [_trial("RUNNING", 1, 0.0)]
     names = [line.split()[0] for line in table.render(trials)[2:] if line.startswith("big/")]
     assert names == ["big/t09", "big/t10", "big/t11"]  # the two best finished + the running
     assert table.render(trials)[-1] == "(8 more trials: see the MLflow runs)"
+
+
+def test_every_hook_of_the_table_is_a_tune_callback_hook():
+    from ray import tune
+
+    hooks = [name for name in vars(ProgressTable) if name.startswith("on_")]
+    assert hooks and all(callable(getattr(tune.Callback, name, None)) for name in hooks), hooks

@@ -677,3 +677,73 @@ def test_mlflow_server_and_ray_dashboard_listen_on_loopback_only(mlflow_server):
         assert _listening_hosts(int(dashboard.rsplit(":", 1)[1])) == {"127.0.0.1"}
     finally:
         ray.shutdown()
+
+
+# -- What the user sees (issue 15): a quiet console, checks before side effects -----------------
+
+NOISE = ("RayTrainWorker", "TrainController", "Result for", "PreemptionWatcher")
+
+
+@pytest.mark.slow
+def test_console_is_quiet_by_default_and_the_log_holds_the_rest(tmp_path, mlflow_server):
+    quiet = launch(tmp_path, mlflow_server, "--name", "quiet", "--num-samples", "2",
+                   "--max-epochs", "1", "--scheduler", "fifo").output
+    for line in ("trial", "status", "epoch", "val_loss", "best trial: quiet/t0",
+                 "sweep efficiency:", "quiet/t01 finished all 1 epochs",
+                 "quiet/t02 finished all 1 epochs"):
+        assert line in quiet, (line, quiet)
+    for noise in ("RayTrainWorker", "TrainController", "Result for", "PreemptionWatcher"):
+        assert noise not in quiet, (noise, quiet)
+    log = (tmp_path / "sweeps" / "quiet" / "launch.log").read_text()
+    assert f"log (Ray, Ray Train and Tune output): {tmp_path / 'sweeps' / 'quiet'}" in quiet
+    for noise in ("RayTrainWorker", "TrainController", "Result for"):
+        assert noise in log, noise
+    assert "best trial: quiet/t0" in log  # the log alone tells the whole story
+
+    loud = launch(tmp_path, mlflow_server, "--name", "loud", "--num-samples", "1",
+                  "--max-epochs", "1", "--scheduler", "fifo", "--verbose").output
+    for noise in ("RayTrainWorker", "TrainController", "Result for"):
+        assert noise in loud, noise
+    assert not (tmp_path / "sweeps" / "loud" / "launch.log").exists()
+
+
+def _new_ray_processes(since: float) -> list[str]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline", "create_time"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if proc.info["create_time"] >= since and ("raylet" in cmd or "gcs_server" in cmd):
+            found.append(cmd[:120])
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["resume without state", "study exists", "too many GPUs"])
+def test_a_refused_sweep_leaves_no_server_or_ray_behind(tmp_path, case):
+    """Every check that can refuse a sweep runs before the local MLflow server or Ray starts
+    (no --mlflow-uri here: a local server would be started under runs/mlflow)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    space = tmp_path / "tiny_space.yaml"
+    space.write_text(yaml.safe_dump(TINY_SPACE))
+    args = ["--space", str(space), "--storage", str(tmp_path / "sweeps"), "--name", "refused"]
+    if case == "resume without state":
+        args.append("--resume")
+        message = "--resume: no Tune experiment state in"
+    elif case == "study exists":  # a study of that name left in the sweep folder
+        import optuna
+
+        (tmp_path / "sweeps" / "refused").mkdir(parents=True)
+        optuna.create_study(study_name="refused", storage="sqlite:///"
+                            f"{tmp_path / 'sweeps' / 'refused' / 'optuna.db'}")
+        message = "the Optuna study 'refused' already exists"
+    else:
+        args += ["--gpus-per-worker", "1"]
+        message = "a trial needs 1 GPUs but this machine has"
+    started = time.time()
+    run = subprocess.run([sys.executable, "-m", "ifsearch.launch", *args], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path, env=env)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert message in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not (tmp_path / "runs" / "mlflow").exists()  # no local MLflow server
+    assert _new_ray_processes(started) == []

@@ -1,6 +1,7 @@
 """ifsearch.sweep_report's early-stopping check on hand-made trial histories with known answers."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -130,8 +131,6 @@ def test_histories_from_results_keeps_the_resumed_report_of_an_epoch():
 
 
 def test_sweep_rung_trust_reads_the_plan():
-    from types import SimpleNamespace
-
     rows = {t: [{"epoch": 1, "AP50": 0.0}, {"epoch": 2, "AP50": v}] for t, v in
             REVERSED_RUNG.items()}
     for t, v in FINAL.items():
@@ -139,10 +138,26 @@ def test_sweep_rung_trust_reads_the_plan():
     results = [_Result(t, r) for t, r in rows.items()]
     space = SimpleNamespace(scheduler={"name": "asha", "reduction_factor": 2})
     plan = SimpleNamespace(scheduler="asha", grace_period=2, max_epochs=4, metric="AP50",
-                           mode="max", space=space)
+                           mode="max", rung_metric="AP50", rung_mode="max", space=space)
     verdict = sweep_rung_trust(results, plan)
     # rungs: Ray's milestones for grace 2, max 4, rf 2 are 2 and 4; 4 is the end -> [2]
     assert [r["epoch"] for r in verdict["rungs"]] == [2]
     assert verdict["trustworthy"] is False and verdict["rungs"][0]["top_stopped"] == 2
     assert sweep_rung_trust(results, SimpleNamespace(**{**vars(plan), "scheduler": "fifo"})) \
         is None
+
+
+def test_slot_efficiency_is_epoch_time_over_slot_time_of_this_session():
+    from ifsearch.sweep_report import slot_efficiency
+
+    frames = [
+        # 3 epochs of 10 s; the first was reported before this session (a resumed sweep)
+        pd.DataFrame({"epoch_seconds": [10.0, 10.0, 10.0], "timestamp": [50, 120, 130]}),
+        pd.DataFrame({"epoch_seconds": [5.0, float("nan")], "timestamp": [140, 150]}),
+        pd.DataFrame({"val_loss": [1.0]}),  # a trial with no epoch report (failed at start)
+    ]
+    results = [SimpleNamespace(metrics_dataframe=f) for f in frames]
+    got = slot_efficiency(results, started=100.0, ended=150.0, slots=2)
+    # (10 + 10 + 5) s of epochs in 50 s x 2 slots
+    assert got == {"slot_efficiency": 0.25, "epoch_seconds": 25.0, "slot_seconds": 100.0}
+    assert slot_efficiency(results, 100.0, 100.0, 2)["slot_efficiency"] == 0.0
