@@ -39,6 +39,7 @@ from ifsearch.tracking import (
 )
 from ifsearch.tracking_server import free_port
 from trainables import TrialSettings, train_driver_fn
+from trainables.ray_report import StartupPhases
 
 DRIVER_CPUS = 1.0  # a trial's Tune function only waits on its TorchTrainer
 SPOOL_NAME = "mlflow_spool.jsonl"  # MLflow records kept while the server is unreachable
@@ -77,6 +78,24 @@ def build_scheduler(plan: SweepPlan):
     if plan.scheduler == "median":
         return MedianStoppingRule(grace_period=plan.grace_period, **common)
     return FIFOScheduler()
+
+
+def rung_epochs(plan: SweepPlan) -> tuple[int, ...]:
+    """Epochs at which the plan's scheduler may stop or pause a trial: they always checkpoint.
+
+    ASHA judges a trial at its first epoch >= each rung, grace_period * reduction_factor**k up
+    to max_epochs (Ray's ``_Bracket``, one bracket); a stopped trial's checkpoint is then its
+    last epoch's. HyperBand pauses trials at band boundaries it picks as trials arrive and
+    resumes them from their checkpoint, so every epoch is one. The median rule and FIFO only
+    stop trials (no resume): every ``train.checkpoint_every`` epochs and the last suffice.
+    """
+    if plan.scheduler == "hyperband":
+        return tuple(range(1, plan.max_epochs + 1))
+    if plan.scheduler != "asha":
+        return ()
+    reduction = plan.space.scheduler.get("reduction_factor", 2)
+    rungs = int(math.log(plan.max_epochs / plan.grace_period) / math.log(reduction) + 1)
+    return tuple(sorted({math.ceil(plan.grace_period * reduction ** k) for k in range(rungs)}))
 
 
 def worker_bundle(args: argparse.Namespace, custom: dict[str, float] | None = None) -> dict:
@@ -206,6 +225,7 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
         space=plan.space, num_workers=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
         custom_resources=plan.worker_resources, storage_path=f"{sweep_uri}/train",
+        checkpoint_epochs=rung_epochs(plan),
     )
     client = MlflowClient(tracking_uri)
     parent_params = {
@@ -242,7 +262,9 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
         )
         # A trial whose own process dies is restarted once; its Train run (same name) resumes
         # from the last checkpoint. Worker deaths are retried inside Train (trainables/).
-        run_config = tune.RunConfig(name=plan.name, storage_path=plan.storage, callbacks=[logger],
+        # StartupPhases edits each trial's first result (start-up phases): before the logger.
+        run_config = tune.RunConfig(name=plan.name, storage_path=plan.storage,
+                                    callbacks=[StartupPhases(), logger],
                                     progress_reporter=reporter,
                                     failure_config=tune.FailureConfig(max_failures=1))
         tuner = tune.Tuner(

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from ifsearch.config import config_to_dict
 from ifsearch.search_space import SearchSpace
-from trainables import ray_report
+from trainables import ray_report, startup
+from trainables.backend import TrialTorchConfig
 from trainables.worker import train_fn_per_worker
 
 
@@ -27,6 +27,9 @@ class TrialSettings:
             1}`` keeps training on nodes started with that resource).
         storage_path: where Train keeps checkpoints; shared storage on clusters.
         max_failures: worker-group restarts from the last checkpoint before the trial fails.
+        checkpoint_epochs: epochs that always save a checkpoint, besides every
+            ``train.checkpoint_every``-th and the last: where the scheduler stops or pauses
+            trials (``ifsearch.sweep.rung_epochs``).
     """
 
     space: SearchSpace
@@ -36,6 +39,7 @@ class TrialSettings:
     custom_resources: dict[str, float] = field(default_factory=dict)
     storage_path: str | None = None
     max_failures: int = 1
+    checkpoint_epochs: tuple[int, ...] = ()
 
 
 def train_driver_fn(sampled: dict, settings: TrialSettings) -> None:
@@ -44,6 +48,7 @@ def train_driver_fn(sampled: dict, settings: TrialSettings) -> None:
     The Train run is named after the trial id, so a restarted trial finds its run (and latest
     checkpoint) in storage and resumes instead of starting over.
     """
+    driver_start = startup.now()
     config = settings.space.resolve(sampled)
     config.train.num_threads = max(int(settings.cpus_per_worker), 1)
     if settings.gpus_per_worker == 0:
@@ -51,7 +56,10 @@ def train_driver_fn(sampled: dict, settings: TrialSettings) -> None:
     trial_id = ray_report.trial_id()
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config": config_to_dict(config), "trial_id": trial_id},
+        train_loop_config={"config": config_to_dict(config), "trial_id": trial_id,
+                           "checkpoint_epochs": list(settings.checkpoint_epochs),
+                           "startup_marks": {"driver_start": driver_start}},
+        torch_config=TrialTorchConfig(),
         scaling_config=ScalingConfig(
             num_workers=settings.num_workers,
             use_gpu=settings.gpus_per_worker > 0,
@@ -64,7 +72,7 @@ def train_driver_fn(sampled: dict, settings: TrialSettings) -> None:
             name=f"train_{trial_id}",
             storage_path=settings.storage_path,
             failure_config=FailureConfig(max_failures=settings.max_failures),
-            callbacks=[TuneReportCallback()],
+            callbacks=[ray_report.StartupReportCallback(), ray_report.ControllerMarks()],
         ),
     )
     trainer.fit()

@@ -1,15 +1,25 @@
-"""The one adapter between ifsearch and Ray's report/checkpoint/context API (Ray 2.60, Train V2)."""
+"""The one adapter between ifsearch and Ray's report/checkpoint/context API (Ray 2.60, Train V2).
+
+Besides reporting, it holds the hooks that time a trial's start-up (``trainables/startup.py``
+says what each mark means): a Train controller callback, a ``TuneReportCallback`` that forwards
+the controller's marks, and a Tune callback that turns all marks into phases. Two of them
+subclass Ray Train's internal callback classes (``ray.train.v2._internal``): Ray's own docs say
+``RunConfig.callbacks`` accepts them "for custom workarounds", and they may move in a later Ray.
+"""
 
 from __future__ import annotations
 
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import ray
 import ray.train
 import ray.tune
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+
+from trainables import startup
 
 
 def worker_rank() -> int:
@@ -40,20 +50,78 @@ def restore_latest_checkpoint(output_dir: Path, file_names: tuple[str, ...]) -> 
     return True
 
 
-def report_epoch(metrics: dict, files: list[Path] | None) -> None:
-    """Report one epoch from a worker: metrics always, a checkpoint of ``files`` when given.
+def report_epoch(metrics: dict, checkpoint_dir: Path | None) -> None:
+    """Report one epoch from a worker, with ``checkpoint_dir`` as a checkpoint when given.
 
-    Every worker must call this equally often (it is a barrier); rank 0 passes the files.
+    Every worker must call this equally often (it is a barrier); rank 0 passes the directory on
+    the epochs that saved a checkpoint. Ray copies that directory into the run's storage once
+    (nothing is staged). Epochs without a checkpoint still name the run's latest one as
+    ``checkpoint_path``, as Tune's forwarding does for epochs with one, so a trial's last
+    result always says which checkpoint its weights are in.
     """
-    if not files:
-        ray.train.report(metrics)
+    if checkpoint_dir is None:
+        latest = ray.train.get_checkpoint()
+        ray.train.report({**metrics, **({CHECKPOINT_PATH_KEY: latest.path} if latest else {})})
         return
-    with tempfile.TemporaryDirectory() as staging:
-        for path in files:
-            shutil.copy2(path, Path(staging) / path.name)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging))
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
 
 
 def trial_id() -> str:
     """The Tune trial id of the calling trial driver."""
     return ray.tune.get_context().get_trial_id()
+
+
+class ControllerMarks(ControllerCallback, WorkerGroupCallback):
+    """Train controller hooks: marks the controller's start and its workers being up.
+
+    The marks go to ``startup.CONTROLLER_MARKS`` (this controller's process), where the backend
+    adds its own and ``StartupReportCallback`` picks them up.
+    """
+
+    def after_controller_start(self, train_run_context) -> None:
+        startup.CONTROLLER_MARKS["controller_start"] = startup.now()
+
+    def before_init_train_context(self, workers) -> dict:
+        startup.CONTROLLER_MARKS["workers_up"] = startup.now()
+        return {}
+
+
+class StartupReportCallback(TuneReportCallback):
+    """``TuneReportCallback`` that adds the controller's start-up marks to its first report."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._marks_sent = False
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if not self._marks_sent and metrics:
+            self._marks_sent = True
+            metrics = [{**metrics[0], **startup.as_metrics(startup.CONTROLLER_MARKS)},
+                       *metrics[1:]]
+        super().after_report(run_context=run_context, metrics=metrics, checkpoint=checkpoint)
+
+
+class StartupPhases(ray.tune.Callback):
+    """Tune callback: marks a trial's creation, and turns the marks of its first result into
+    ``startup_<phase>_s`` metrics (the raw marks are removed from every result).
+
+    A trial is created when a slot is free (the searcher's concurrency limit), so its creation
+    is where its start-up begins. Ray lets callbacks edit a result in place; this one must come
+    before the loggers in ``RunConfig.callbacks``. A trial restarted after a failure keeps the
+    phases of its first run (the restart's own start is not observable from here).
+    """
+
+    def __init__(self) -> None:
+        self._added: dict[str, float] = {}  # trial id -> when Tune created it
+
+    def on_trial_add(self, iteration, trials, trial, **info) -> None:
+        self._added[trial.trial_id] = startup.now()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        received = startup.now()
+        marks = startup.pop_marks(result)
+        added = self._added.pop(trial.trial_id, None)
+        if added is None or not marks:
+            return
+        marks.update(tune_add=added, tune_result=received)
+        result.update(startup.phases(marks, float(result.get("epoch_seconds", 0.0))))

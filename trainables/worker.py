@@ -7,15 +7,19 @@ from pathlib import Path
 
 from ifsearch.config import config_from_dict
 from ifsearch.train import CHECKPOINT_NAME, METRICS_NAME, train_loop
-from trainables import ray_report
+from trainables import ray_report, startup
 
 
 def train_fn_per_worker(train_loop_config: dict) -> None:
     """Run the plain training loop on this worker; DDP is already initialised by Ray Train.
 
     Args:
-        train_loop_config: ``{"config": <nested config dict>, "trial_id": str}``.
+        train_loop_config: ``{"config": <nested config dict>, "trial_id": str,
+            "checkpoint_epochs": [epochs that always save a checkpoint: the scheduler's rungs],
+            "startup_marks": {mark: time} taken before this worker}``.
     """
+    # Start-up marks (trainables/startup.py) ride along with this process's first report.
+    marks = {**train_loop_config.get("startup_marks", {}), "worker_fn_start": startup.now()}
     config = config_from_dict(train_loop_config["config"], source="trial config")
     rank = ray_report.worker_rank()
     # Each worker trains in a scratch directory, removed at the end; Ray's storage keeps the
@@ -30,8 +34,17 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
 
         location = ray_report.worker_location()
 
-        def report(metrics: dict, checkpoint: Path | None) -> None:
-            files = [checkpoint, output_dir / METRICS_NAME] if checkpoint else None
-            ray_report.report_epoch({**metrics, **location}, files)
+        def on_phase(name: str) -> None:
+            marks[f"{name}_built"] = startup.now()
 
-        train_loop(config, report=report)
+        def report(metrics: dict, checkpoint: Path | None) -> None:
+            first = {}
+            if marks:
+                first = startup.as_metrics({**marks, "report_call": startup.now()})
+                marks.clear()
+            # The checkpoint, the metrics file and the config of output_dir: one copy by Ray.
+            ray_report.report_epoch({**metrics, **location, **first},
+                                    output_dir if checkpoint else None)
+
+        train_loop(config, report=report, on_phase=on_phase,
+                   checkpoint_epochs=train_loop_config.get("checkpoint_epochs", ()))

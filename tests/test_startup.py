@@ -1,0 +1,76 @@
+"""A trial's start-up, phase by phase: the phase arithmetic, the rung epochs that always
+checkpoint, and (slow) a real sweep whose every trial logs every phase to MLflow."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ifsearch.launch import build_parser, plan_sweep
+from trainables import startup
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def chain(step=1.0):
+    """Marks one ``step`` apart, in the order they happen."""
+    return {name: 100.0 + i * step for i, name in enumerate(startup.MARKS)}
+
+
+def test_phases_tile_the_interval_and_the_total_leaves_out_the_epoch():
+    marks = chain(step=0.5)
+    phases = startup.phases(marks, epoch_seconds=0.3)
+    names = [f"startup_{name}_s" for name, *_ in startup.PHASES]
+    assert list(phases) == [*names, "startup_total_s"]
+    assert all(phases[name] == pytest.approx(0.5) for name in names)
+    span = marks["tune_result"] - marks["tune_add"]
+    assert sum(phases[name] for name in names) == pytest.approx(span)
+    assert phases["startup_total_s"] == pytest.approx(span - 0.3)
+
+
+def test_a_missing_mark_gives_no_phases():
+    marks = chain()
+    del marks["backend_ready"]
+    assert startup.phases(marks, 1.0) == {}
+
+
+def test_marks_travel_as_prefixed_keys_and_are_removed():
+    result = {"epoch": 1, **startup.as_metrics({"data_built": 5.0, "model_built": 6.0})}
+    assert result["startup_at_data_built"] == 5.0
+    assert startup.pop_marks(result) == {"data_built": 5.0, "model_built": 6.0}
+    assert result == {"epoch": 1}
+
+
+def _plan(tmp_path, scheduler, max_epochs, grace, reduction):
+    space = {"base": {"data": {"num_points": 128}},
+             "space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+             "objective": {"metric": "val_loss", "mode": "min"},
+             "budget": {"num_samples": 2, "max_epochs": max_epochs, "grace_period": grace},
+             "scheduler": {"name": scheduler,
+                           **({"reduction_factor": reduction} if reduction else {})}}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return plan_sweep(build_parser().parse_args(["--space", str(path)]))
+
+
+@pytest.mark.parametrize("max_epochs,grace,reduction",
+                         [(8, 2, 2), (8, 1, 2), (10, 1, 3), (27, 1, 3), (10, 1, 2.5), (4, 4, 2)])
+def test_asha_rung_epochs_are_where_rays_asha_judges_trials(tmp_path, max_epochs, grace,
+                                                           reduction):
+    from ifsearch.sweep import build_scheduler, rung_epochs
+
+    plan = _plan(tmp_path, "asha", max_epochs, grace, reduction)
+    # Ray's own bracket: it judges a trial at its first reported epoch >= each milestone.
+    (bracket,) = build_scheduler(plan)._brackets
+    assert rung_epochs(plan) == tuple(sorted(math.ceil(m) for m, _ in bracket._rungs))
+
+
+def test_hyperband_checkpoints_every_epoch_and_fifo_none(tmp_path):
+    from ifsearch.sweep import rung_epochs
+
+    assert rung_epochs(_plan(tmp_path, "hyperband", 5, 1, 2)) == (1, 2, 3, 4, 5)
+    assert rung_epochs(_plan(tmp_path, "fifo", 5, 1, None)) == ()
+    assert rung_epochs(_plan(tmp_path, "median", 5, 1, None)) == ()
