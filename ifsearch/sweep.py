@@ -42,6 +42,9 @@ from trainables import TrialSettings, train_driver_fn
 from trainables.ray_report import StartupPhases
 
 DRIVER_CPUS = 1.0  # a trial's Tune function only waits on its TorchTrainer
+# Ray Train settings for a local Ray only. The preemption watcher (one more actor process per
+# trial, polling Ray for nodes being drained) has nothing to watch on a single machine.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 SPOOL_NAME = "mlflow_spool.jsonl"  # MLflow records kept while the server is unreachable
 
 
@@ -202,7 +205,8 @@ def start_ray(args: argparse.Namespace,
     os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
     try:
         ray.init(num_cpus=num_cpus, num_gpus=local_gpus, dashboard_host="127.0.0.1",
-                 include_dashboard=True, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+                 include_dashboard=True, runtime_env={"env_vars": {"RAY_ADDRESS": address,
+                                                                   **LOCAL_TRAIN_ENV}})
     finally:
         if previous is None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
@@ -272,6 +276,9 @@ def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str) -> i
             tune_config=tune.TuneConfig(
                 search_alg=build_searcher(plan), scheduler=build_scheduler(plan),
                 num_samples=plan.num_samples, max_concurrent_trials=concurrent,
+                # A finished trial's driver process takes the next trial: no new process, no
+                # second import of Ray Train and torch (docs/benchmarks.md, start-up phases).
+                reuse_actors=True,
             ),
             run_config=run_config,
         )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ifsearch.config import config_to_dict
+from ifsearch.config import Config, config_to_dict
 from ifsearch.search_space import SearchSpace
 from trainables import ray_report, startup
 from trainables.backend import TrialTorchConfig
@@ -42,6 +43,53 @@ class TrialSettings:
     checkpoint_epochs: tuple[int, ...] = ()
 
 
+# Ray Train settings every trial runs with, unless set in the environment already. Train passes
+# them on to the controller and workers it starts (ray.train.v2._internal.constants).
+TRAIN_ENV = {
+    # The controller polls its workers this often, and only a poll hands a report on to Tune;
+    # a worker whose previous report is still unpolled waits. Ray's 2 s made every report of a
+    # ~1 s epoch wait ~1 s (docs/benchmarks.md, "Trial start-up and report cost"); 0.2 s costs
+    # the controller 5 small calls a second per worker.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+}
+
+
+def build_trainer(config: Config, settings: TrialSettings, run_name: str,
+                  callbacks: list | None = None, extra: dict | None = None) -> TorchTrainer:
+    """The ``TorchTrainer`` of one trial: ``settings.num_workers`` workers running
+    ``train_fn_per_worker`` on ``config``, its Train run named ``run_name``.
+
+    Args:
+        config: the trial's fully resolved config.
+        settings: the sweep's trial settings (workers, resources, storage, rungs).
+        run_name: the Train run's name; the same name resumes the run's latest checkpoint.
+        callbacks: Train ``RunConfig`` callbacks (the Tune forwarding, start-up marks).
+        extra: more ``train_loop_config`` entries for the workers.
+    """
+    for key, value in TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"config": config_to_dict(config),
+                           "checkpoint_epochs": list(settings.checkpoint_epochs), **(extra or {})},
+        torch_config=TrialTorchConfig(),
+        scaling_config=ScalingConfig(
+            num_workers=settings.num_workers,
+            use_gpu=settings.gpus_per_worker > 0,
+            resources_per_worker={"CPU": settings.cpus_per_worker,
+                                  **({"GPU": settings.gpus_per_worker}
+                                     if settings.gpus_per_worker else {}),
+                                  **settings.custom_resources},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=settings.storage_path,
+            failure_config=FailureConfig(max_failures=settings.max_failures),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
 def train_driver_fn(sampled: dict, settings: TrialSettings) -> None:
     """The Tune function trainable: one trial of the sweep.
 
@@ -54,25 +102,8 @@ def train_driver_fn(sampled: dict, settings: TrialSettings) -> None:
     if settings.gpus_per_worker == 0:
         config.train.device = "cpu"
     trial_id = ray_report.trial_id()
-    trainer = TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={"config": config_to_dict(config), "trial_id": trial_id,
-                           "checkpoint_epochs": list(settings.checkpoint_epochs),
-                           "startup_marks": {"driver_start": driver_start}},
-        torch_config=TrialTorchConfig(),
-        scaling_config=ScalingConfig(
-            num_workers=settings.num_workers,
-            use_gpu=settings.gpus_per_worker > 0,
-            resources_per_worker={"CPU": settings.cpus_per_worker,
-                                  **({"GPU": settings.gpus_per_worker}
-                                     if settings.gpus_per_worker else {}),
-                                  **settings.custom_resources},
-        ),
-        run_config=RunConfig(
-            name=f"train_{trial_id}",
-            storage_path=settings.storage_path,
-            failure_config=FailureConfig(max_failures=settings.max_failures),
-            callbacks=[ray_report.StartupReportCallback(), ray_report.ControllerMarks()],
-        ),
-    )
+    trainer = build_trainer(
+        config, settings, f"train_{trial_id}",
+        callbacks=[ray_report.StartupReportCallback(), ray_report.ControllerMarks()],
+        extra={"trial_id": trial_id, "startup_marks": {"driver_start": driver_start}})
     trainer.fit()

@@ -72,7 +72,8 @@ def trial_id() -> str:
 
 
 class ControllerMarks(ControllerCallback, WorkerGroupCallback):
-    """Train controller hooks: marks the controller's start and its workers being up.
+    """Train controller hooks: mark the controller's start, its workers being up and its
+    worker group's start hooks being done.
 
     The marks go to ``startup.CONTROLLER_MARKS`` (this controller's process), where the backend
     adds its own and ``StartupReportCallback`` picks them up.
@@ -84,6 +85,10 @@ class ControllerMarks(ControllerCallback, WorkerGroupCallback):
     def before_init_train_context(self, workers) -> dict:
         startup.CONTROLLER_MARKS["workers_up"] = startup.now()
         return {}
+
+    def after_worker_group_start(self, worker_group) -> None:
+        # Ray runs its own hooks first (backend set-up, placement-group cleaner): ours is last.
+        startup.CONTROLLER_MARKS["group_started"] = startup.now()
 
 
 class StartupReportCallback(TuneReportCallback):
@@ -106,22 +111,33 @@ class StartupPhases(ray.tune.Callback):
     ``startup_<phase>_s`` metrics (the raw marks are removed from every result).
 
     A trial is created when a slot is free (the searcher's concurrency limit), so its creation
-    is where its start-up begins. Ray lets callbacks edit a result in place; this one must come
-    before the loggers in ``RunConfig.callbacks``. A trial restarted after a failure keeps the
-    phases of its first run (the restart's own start is not observable from here).
+    is where its start-up begins; Tune has no callback for it, so the end of the controller step
+    that first lists a trial marks it (or its start, if that comes first). Ray lets callbacks
+    edit a result in place; this one must come before the loggers in ``RunConfig.callbacks``.
+    A trial restarted after a failure keeps the phases of its first run.
     """
 
     def __init__(self) -> None:
-        self._added: dict[str, float] = {}  # trial id -> when Tune created it
+        self._created: dict[str, float] = {}  # trial id -> when Tune created it
+        self._done: set[str] = set()  # trials whose phases were reported
 
-    def on_trial_add(self, iteration, trials, trial, **info) -> None:
-        self._added[trial.trial_id] = startup.now()
+    def _mark(self, trial_id: str) -> None:
+        if trial_id not in self._done:
+            self._created.setdefault(trial_id, startup.now())
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        for trial in trials:
+            self._mark(trial.trial_id)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._mark(trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         received = startup.now()
         marks = startup.pop_marks(result)
-        added = self._added.pop(trial.trial_id, None)
-        if added is None or not marks:
+        created = self._created.pop(trial.trial_id, None)
+        if not marks or created is None:
             return
-        marks.update(tune_add=added, tune_result=received)
+        self._done.add(trial.trial_id)
+        marks.update(tune_add=created, tune_result=received)
         result.update(startup.phases(marks, float(result.get("epoch_seconds", 0.0))))

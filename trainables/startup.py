@@ -24,7 +24,8 @@ TOTAL_KEY = "startup_total_s"  # Tune creating the trial to its first result, mi
 
 # (phase, from mark, to mark, what it holds), in the order they happen. Marks are taken by:
 # tune_add / tune_result: the sweep (StartupPhases); driver_start: train_driver_fn;
-# controller_start / workers_up / backend_start / backend_ready: the Train controller;
+# controller_start / workers_up / group_started: the Train controller (ControllerMarks);
+# backend_start / backend_ready: the controller's torch backend (trainables/backend.py);
 # worker_fn_start / data_built / model_built / report_call: rank 0's train_fn_per_worker.
 PHASES = (
     ("trial_actor", "tune_add", "driver_start",
@@ -38,11 +39,14 @@ PHASES = (
      "train context on the workers (storage, synchronisation actor)"),
     ("backend_setup", "backend_start", "backend_ready",
      "torch.distributed process group (skipped for a group of one)"),
-    ("train_fn_launch", "backend_ready", "worker_fn_start",
-     "placement-group cleaner registered, train function sent, its imports"),
+    ("start_callbacks", "backend_ready", "group_started",
+     "Ray Train's other start hooks: registering with the placement-group cleaner actor"),
+    ("train_fn_launch", "group_started", "worker_fn_start",
+     "train function sent to the workers and unpickled there (imports the training loop)"),
     ("dataset", "worker_fn_start", "data_built", "config parsed, datasets built"),
     ("model", "data_built", "model_built",
-     "model, criterion, optimizer; checkpoint restored on resume"),
+     "model, criterion, optimizer (torch's first optimizer imports torch._dynamo); "
+     "checkpoint restored on resume"),
     ("first_epoch", "model_built", "report_call",
      "the first epoch (training + validation) and its checkpoint, if any"),
     ("first_report", "report_call", "tune_result",

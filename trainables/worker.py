@@ -14,9 +14,9 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
     """Run the plain training loop on this worker; DDP is already initialised by Ray Train.
 
     Args:
-        train_loop_config: ``{"config": <nested config dict>, "trial_id": str,
-            "checkpoint_epochs": [epochs that always save a checkpoint: the scheduler's rungs],
-            "startup_marks": {mark: time} taken before this worker}``.
+        train_loop_config: ``{"config": <nested config dict>, "checkpoint_epochs": [epochs
+            that always save a checkpoint: the scheduler's rungs]}``; from a Tune trial also
+            ``"trial_id"`` and ``"startup_marks"`` ({mark: time} taken before this worker).
     """
     # Start-up marks (trainables/startup.py) ride along with this process's first report.
     marks = {**train_loop_config.get("startup_marks", {}), "worker_fn_start": startup.now()}
@@ -24,7 +24,7 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
     rank = ray_report.worker_rank()
     # Each worker trains in a scratch directory, removed at the end; Ray's storage keeps the
     # checkpoints (report copies them there).
-    prefix = f"ifsearch_{train_loop_config['trial_id']}_r{rank}_"
+    prefix = f"ifsearch_{train_loop_config.get('trial_id', 'run')}_r{rank}_"
     with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
         output_dir = Path(scratch)
         config.train.output_dir = str(output_dir)
