@@ -74,3 +74,64 @@ def test_hyperband_checkpoints_every_epoch_and_fifo_none(tmp_path):
     assert rung_epochs(_plan(tmp_path, "hyperband", 5, 1, 2)) == (1, 2, 3, 4, 5)
     assert rung_epochs(_plan(tmp_path, "fifo", 5, 1, None)) == ()
     assert rung_epochs(_plan(tmp_path, "median", 5, 1, None)) == ()
+
+
+# The phases a trial's start-up is cut into, written out here rather than taken from the code,
+# so that a phase dropped from trainables/startup.py (or never logged) fails the test.
+EXPECTED_PHASES = ("trial_actor", "train_controller", "worker_group", "train_context",
+                   "backend_setup", "start_callbacks", "train_fn_launch", "dataset", "model",
+                   "first_epoch", "first_report")
+
+TINY_SPACE = {
+    "base": {
+        "data": {"num_points": 192, "train_scenes": 6, "val_scenes": 3, "max_instances": 3,
+                 "batch_size": 3},
+        "model": {"embed_dim": 16, "num_heads": 2, "ffn_dim": 32, "decoder_layers": 1},
+    },
+    "space": {"train.lr": {"type": "loguniform", "low": 1.0e-4, "high": 1.0e-2}},
+    "objective": {"metric": "val_loss", "mode": "min"},
+    "budget": {"num_samples": 3, "max_epochs": 2, "grace_period": 1},
+    "scheduler": {"name": "fifo"},
+    "searcher": {"name": "random", "seed": 0},
+}
+
+
+@pytest.mark.slow
+def test_every_trial_logs_every_startup_phase(tmp_path):
+    """Three trials, two at a time (so the third reuses a finished trial's actor): each MLflow
+    trial run holds every phase, none negative; the phases tile Tune's creation of the trial to
+    its first result, and MLflow's own clocks (run start, first metric) fall inside that chain."""
+    from mlflow.tracking import MlflowClient
+
+    from ifsearch.tracking import ROLE_TAG, tag_filter
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(TINY_SPACE))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = subprocess.run(
+        [sys.executable, "-m", "ifsearch.launch", "--space", str(space), "--name", "phases",
+         "--storage", str(tmp_path / "sweeps"), "--mlflow-uri", uri, "--experiment", "phases",
+         "--max-concurrent", "2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("phases")
+    trials = client.search_runs([experiment.experiment_id], tag_filter({ROLE_TAG: "trial"}))
+    assert len(trials) == 3
+    for trial in trials:
+        metrics = trial.data.metrics
+        phases = {name: metrics.get(f"startup_{name}_s") for name in EXPECTED_PHASES}
+        assert None not in phases.values(), f"missing phases: {phases}"
+        assert all(value >= 0 for value in phases.values()), phases
+        assert not any(key.startswith("startup_at_") for key in metrics)  # raw marks dropped
+        first = min(client.get_metric_history(trial.info.run_id, "epoch_seconds"),
+                    key=lambda m: m.step)
+        total = metrics["startup_total_s"]
+        assert sum(phases.values()) == pytest.approx(total + first.value, abs=1e-6)
+        # MLflow's own clock: the run opens when Tune has started the trial's actor, i.e. after
+        # the trial's creation and before train_driver_fn runs (the first metric is logged a few
+        # ms after Tune received the result, which dates the creation).
+        created = first.timestamp / 1000 - (total + first.value)
+        run_start = trial.info.start_time / 1000
+        assert created - 0.05 <= run_start <= created + phases["trial_actor"] + 0.05
