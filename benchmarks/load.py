@@ -4,7 +4,9 @@ Timings on a shared machine mean little when other processes compete for the cor
 samples ``/proc`` once a second and adds up the CPU time of every process that is not the
 benchmark itself or one of its descendants (the launcher, its local Ray, the MLflow server it
 started): the average number of cores the rest of the machine used. ``/proc/loadavg`` before the
-run is kept too. Linux only; elsewhere the numbers are absent and the verdict says so.
+run is kept too. The benchmark's own processes are added up as well, by process title
+(``ray::TrainController``, ``raylet``, ...): where Ray's CPU goes. Linux only; elsewhere the
+numbers are absent and the verdict says so.
 """
 
 from __future__ import annotations
@@ -34,6 +36,26 @@ def _processes() -> dict[int, tuple[int, float]]:
     return table
 
 
+_SCRIPTS = ("raylet", "gcs_server", "dashboard.py", "agent.py", "log_monitor.py",
+            "monitor.py", "ifsearch.launch", "mlflow")
+
+
+def process_title(pid: int) -> str:
+    """A short name for a process: Ray's title (``ray::TrainController``) or its program."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [a.decode(errors="replace") for a in argv if a]
+    if words and words[0].startswith("ray::"):
+        return words[0].split(" ")[0].split(".")[0]
+    for word in words[:3]:  # the program and its script (later words are options)
+        for script in _SCRIPTS:
+            if word.endswith(script) or word == script:
+                return script
+    return Path(words[0]).name if words else "?"
+
+
 def _descendants(root: int, table: dict[int, tuple[int, float]]) -> set[int]:
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
@@ -53,6 +75,8 @@ class OtherLoad:
         loadavg_before: the 1-minute load average when sampling began (None off Linux).
         cores: other processes' CPU seconds / wall seconds (None off Linux or before exit).
         peak: the busiest one-second interval, in cores.
+        ours: CPU seconds of this process's descendants while inside, by ``process_title``.
+        wall: seconds inside.
     """
 
     def __init__(self, interval: float = 1.0) -> None:
@@ -60,7 +84,11 @@ class OtherLoad:
         self.loadavg_before: float | None = None
         self.cores: float | None = None
         self.peak = 0.0
+        self.ours: dict[str, float] = {}
+        self.wall = 0.0
         self._cpu = 0.0
+        self._titles: dict[int, str] = {}
+        self._pid_cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = 0.0
@@ -79,7 +107,11 @@ class OtherLoad:
             return
         self._stop.set()
         self._thread.join()
-        self.cores = self._cpu / max(time.monotonic() - self._started, 1e-9)
+        self.wall = time.monotonic() - self._started
+        self.cores = self._cpu / max(self.wall, 1e-9)
+        for pid, cpu in self._pid_cpu.items():
+            title = self._titles[pid]
+            self.ours[title] = self.ours.get(title, 0.0) + cpu
 
     def _run(self) -> None:
         me = os.getpid()
@@ -90,11 +122,19 @@ class OtherLoad:
             ours = _descendants(me, current)
             used = 0.0
             for pid, (_, cpu) in current.items():
-                if pid in ours:
-                    continue
                 # A process new since the last sample started since then: all its CPU counts
                 # (pid reuse within one interval is rare enough to ignore).
-                used += cpu - previous[pid][1] if pid in previous else cpu
+                delta = cpu - previous[pid][1] if pid in previous else cpu
+                if pid in ours:
+                    if pid != me:
+                        self._pid_cpu[pid] = self._pid_cpu.get(pid, 0.0) + delta
+                        # A Ray worker is "python", then "ray::IDLE" until it holds an
+                        # actor ("ray::TrainController"): keep the latter once seen.
+                        title = self._titles.get(pid, "")
+                        if not title.startswith("ray::") or title == "ray::IDLE":
+                            self._titles[pid] = process_title(pid)
+                    continue
+                used += delta
             now = time.monotonic()
             self._cpu += used
             self.peak = max(self.peak, used / max(now - last, 1e-9))
