@@ -135,3 +135,25 @@ def test_every_trial_logs_every_startup_phase(tmp_path):
         created = first.timestamp / 1000 - (total + first.value)
         run_start = trial.info.start_time / 1000
         assert created - 0.05 <= run_start <= created + phases["trial_actor"] + 0.05
+
+
+@pytest.mark.slow
+def test_startup_benchmark_smoke_writes_its_section(tmp_path):
+    """The benchmark's smoke mode: one tiny sweep, a phase table in a temporary file (never
+    docs/), every phase row filled, and the machine's load said. No timing is checked."""
+    docs = REPO / "docs" / "benchmarks.md"
+    before = docs.read_text()
+    out = tmp_path / "benchmarks.md"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "startup.py"), "--smoke-test",
+                          "--out", str(out), "--label", "smoke"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert docs.read_text() == before
+    body = out.read_text().split("<!-- begin startup -->")[1].split("<!-- end startup -->")[0]
+    rows = [line for line in body.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| seconds: median") and "smoke, 1 at once" in rows[0]
+    for name in EXPECTED_PHASES + ("**start-up**", "**report overhead per epoch**"):
+        (row,) = [r for r in rows if f"`{name}`" in r.split("|")[1] or name in r.split("|")[1]]
+        float(row.split("|")[2].split()[0])  # a median was measured ("-" if none)
+    assert "machine load: " in body
+    assert (tmp_path / "startup.json").exists()
