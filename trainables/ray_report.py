@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import threading
 from pathlib import Path
 
 import ray
@@ -69,6 +70,15 @@ def report_epoch(metrics: dict, checkpoint_dir: Path | None) -> None:
 def trial_id() -> str:
     """The Tune trial id of the calling trial driver."""
     return ray.tune.get_context().get_trial_id()
+
+
+def trial_stop_event() -> threading.Event:
+    """Set when Tune stops the calling trial (its scheduler, the end of the sweep, or before it
+    reuses the trial's actor): the stop event of Tune's function-trainable session, which has
+    no public accessor (``ray.train._internal.session``). A new one comes with each trial."""
+    from ray.train._internal.session import get_session
+
+    return get_session().stop_event
 
 
 class ControllerMarks(ControllerCallback, WorkerGroupCallback):
