@@ -82,6 +82,7 @@ class SweepTiming:
     wall_s: float
     load: str
     busy: bool
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by process title
 
     def gaps_between_trials(self) -> list[float]:
         """Seconds a slot stood empty: a trial's start - the previous one's end (one at a time)."""
@@ -127,7 +128,7 @@ def run_sweep(concurrent: int, trials: int, epochs: int, *, repo: Path, workdir:
         raise RuntimeError(f"{name}: launcher exited with {proc.returncode}:\n{tail}")
     timings = read_trials(tracking_uri, name)
     log(f"  {len(timings)} trials in {wall:.0f} s; {load.verdict()}")
-    return SweepTiming(concurrent, timings, wall, load.verdict(), load.busy)
+    return SweepTiming(concurrent, timings, wall, load.verdict(), load.busy, dict(load.ours))
 
 
 def read_trials(tracking_uri: str, sweep: str) -> list[TrialTiming]:
@@ -195,6 +196,15 @@ ROW_LABELS = {
 }
 
 
+def cpu_per_trial(sweep: SweepTiming) -> dict[str, float]:
+    """CPU seconds per trial of each kind of process (all processes of that title / trials).
+
+    CPU time, unlike wall-clock, barely depends on what else runs on the machine: this is the
+    work a trial's start-up and training cost, wherever it went."""
+    trials = max(len(sweep.trials), 1)
+    return {title: cpu / trials for title, cpu in sorted(sweep.cpu.items(), key=lambda i: -i[1])}
+
+
 def render(data: dict) -> str:
     """The section body: one column per (label, concurrency), medians over trials."""
     columns = [(label, key) for label, run in data.items() for key in sorted(run["sweeps"])]
@@ -203,6 +213,13 @@ def render(data: dict) -> str:
     rows = [[text] + [data[label]["sweeps"][key]["rows"].get(name, "-")
                       for label, key in columns]
             for name, text in ROW_LABELS.items()]
+    cpu = {(label, key): data[label]["sweeps"][key].get("cpu_per_trial", {})
+           for label, key in columns}
+    titles = sorted({t for per in cpu.values() for t, v in per.items() if v >= 0.2},
+                    key=lambda t: -max(per.get(t, 0.0) for per in cpu.values()))
+    cpu_rows = [[f"`{title}`"] + [f"{cpu[c][title]:.1f}" if title in cpu[c] else "-"
+                                  for c in columns] for title in titles]
+    cpu_rows.append(["**all processes**"] + [f"{sum(cpu[c].values()):.1f}" for c in columns])
     lines = [
         "Small FIFO sweeps of `search_spaces/influencer_default.yaml` (random searcher, "
         "`--max-epochs 3`), run with `python -m ifsearch.launch` against a local MLflow server; "
@@ -213,6 +230,13 @@ def render(data: dict) -> str:
         "",
         markdown_table(headers, rows),
         "",
+        "CPU seconds per trial, by process (all of the sweep's processes: the launcher with "
+        "Tune and the MLflow logging, Ray's daemons, and each trial's actors; CPU time hardly "
+        "depends on the machine's other load, unlike the seconds above; processes under 0.2 s "
+        "left out):",
+        "",
+        markdown_table(["CPU s per trial"] + headers[1:], cpu_rows),
+        "",
     ]
     for label, run in data.items():
         for key in sorted(run["sweeps"]):
@@ -220,10 +244,42 @@ def render(data: dict) -> str:
             lines.append(f"- {label}, {key} at once ({run['date']}, code {run['code']}, "
                          f"{sweep['trials']} trials, sweep wall-clock {sweep['wall_s']:.0f} s): "
                          f"{sweep['load']}")
+    lines += ["", EXPLANATION]
     if any(s["busy"] for run in data.values() for s in run["sweeps"].values()):
         lines += ["", "**Some runs above were disturbed** by other processes (see the load "
                       "lines): rerun them on an idle machine before comparing numbers."]
     return "\n".join(lines)
+
+
+EXPLANATION = """\
+What a trial's start-up is made of, and what the launcher does about it (issue 13):
+
+- **Processes.** A trial is a Tune actor (the driver) that builds a `TorchTrainer`; Ray Train
+  then starts a controller actor, a placement-group cleaner, a synchronisation actor, a Tune
+  result queue and the workers: fresh Python processes that each import Ray (and most of them
+  Ray Train, with pandas and Ray Data) before doing anything, one to three CPU seconds each.
+  Cut: a finished trial's driver runs the next trial (Tune's `reuse_actors`; a trial stopped by
+  the scheduler has its Train run killed first, `TrialTorchTrainer.abort`); no Ray Data
+  `DatasetManager` actor for runs without Ray datasets; no preemption watcher on a local Ray.
+- **Imports.** The controller used to import torch only to unpickle Ray's `TorchConfig`
+  (`trainables/backend.py` keeps torch out of it). The worker's torch, the training loop and
+  `torch._dynamo` (imported by torch's first optimizer, in the `model` phase) are needed.
+- **torch.distributed** for a group of one: skipped (`backend_setup`).
+- **Datasets**: the synthetic scenes are generated lazily, per item, so building them costs
+  milliseconds (`dataset`): nothing to cache or share. S3DIS is converted once per sweep
+  before Ray starts (`ifsearch.launch.prepare_data`).
+- **Reports.** Ray Train's controller hands a report to Tune only when it polls its workers,
+  every 2 s by default, and a worker whose previous report is unpolled waits: ~1 s per epoch of
+  a 1 s epoch. Trials poll every 0.2 s (`trainables.driver.TRAIN_ENV`). A checkpoint goes with
+  every `train.checkpoint_every`-th epoch (default 2), the scheduler's rung epochs and the last
+  one, copied once (it was staged, then copied again), and not at all on the other epochs.
+
+What is left is mostly the start and imports of a trial's fresh processes, which a 2-core
+machine runs partly one after the other: see the CPU table. They cannot be warmed in advance:
+Ray prestarts idle worker processes only when it starts, an actor with a runtime environment
+(the sweep's, or the one Train gives its controller and workers) never takes a prestarted one,
+and an actor never takes a process another task or actor has used (measured on Ray 2.60).
+"""
 
 
 def code_version(repo: Path) -> str:
@@ -278,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                 sweeps[str(concurrent)] = {
                     "rows": summarize(sweep), "trials": len(sweep.trials),
                     "wall_s": sweep.wall_s, "load": sweep.load, "busy": sweep.busy,
+                    "cpu_per_trial": cpu_per_trial(sweep),
                     "raw": [asdict(t) for t in sweep.trials]}
         finally:
             stop_local_server(scratch / "mlflow")
