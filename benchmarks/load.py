@@ -53,7 +53,8 @@ def process_title(pid: int) -> str:
         for script in _SCRIPTS:
             if word.endswith(script) or word == script:
                 return script
-    return Path(words[0]).name if words else "?"
+    # A title Ray set by hand holds spaces (``ray-dashboard-NodeHead-0 (...)``): its first word.
+    return Path(words[0].split(" ")[0]).name if words else "?"
 
 
 def _descendants(root: int, table: dict[int, tuple[int, float]]) -> set[int]:
@@ -132,7 +133,9 @@ class OtherLoad:
                         # actor ("ray::TrainController"): keep the latter once seen.
                         title = self._titles.get(pid, "")
                         if not title.startswith("ray::") or title == "ray::IDLE":
-                            self._titles[pid] = process_title(pid)
+                            # An exiting process has no command line left ("?"): keep its name.
+                            new = process_title(pid)
+                            self._titles[pid] = title if new == "?" and title else new
                     continue
                 used += delta
             now = time.monotonic()

@@ -187,7 +187,8 @@ def summarize(sweep: SweepTiming) -> dict[str, str]:
 
 ROW_LABELS = {
     **{name: f"`{name}`: {text}" for name, _, _, text in PHASES},
-    "startup_total": "**start-up** (Tune start to first result, minus the first epoch)",
+    "startup_total": "**start-up** (Tune creating the trial to its first result, minus the "
+                     "first epoch)",
     "mlflow_total": "start-up by MLflow's clocks (run start, once the trial actor is up, to "
                     "the first metric, minus the epoch)",
     "report_overhead": "**report overhead per epoch** (between two results, minus the epoch)",
@@ -231,7 +232,8 @@ def render(data: dict) -> str:
         markdown_table(headers, rows),
         "",
         "CPU seconds per trial, by process (all of the sweep's processes: the launcher with "
-        "Tune and the MLflow logging, Ray's daemons, and each trial's actors; CPU time hardly "
+        "Tune and the MLflow logging, Ray's daemons, and each trial's actors; the workers' "
+        "includes their 3 epochs of training; CPU time hardly "
         "depends on the machine's other load, unlike the seconds above; processes under 0.2 s "
         "left out):",
         "",
