@@ -8,10 +8,15 @@ Same model, same synthetic data, same epochs; what differs is who runs ``train_l
 - ``ray-1``: a Ray Train ``TorchTrainer`` with one worker owning every core;
 - ``ray-2``: two DDP workers (gloo) with one core and one torch thread each.
 
-The Ray runs are built exactly as ``trainables/driver.py`` builds a trial (same worker function,
-same per-epoch ``ray.train.report`` with a checkpoint), but called directly, without Tune, so the
-number is Train's overhead alone; the per-trial start-up of a Tune sweep is measured by
-``benchmarks/search_efficiency.py``.
+The Ray runs are built by ``trainables.driver.build_trainer``, as a trial builds them (same
+worker function, backend, controller poll interval and checkpoint cadence), but fitted directly,
+without Tune, so the number is Train's overhead alone; the per-trial start-up of a Tune sweep is
+measured phase by phase by ``benchmarks/startup.py``.
+
+Every mode runs under ``benchmarks/load.OtherLoad``: the CPU other processes of the machine used
+meanwhile is printed and written with the table (a shared machine's numbers say little), and for
+the Ray modes the CPU of Ray's own processes besides the training workers (controller,
+dashboard, raylet, ...), which is what one worker shares its cores with.
 
 ``train_loop`` reports ``points_per_second`` over the training steps only (data loading, forward,
 backward, optimizer; group-wide under DDP) and ``epoch_seconds`` (training + validation); the
@@ -43,6 +48,7 @@ for _path in (str(BENCHMARKS), str(REPO)):  # report.py; ifsearch + trainables w
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from load import OtherLoad  # noqa: E402
 from report import DOCS, IMAGES, markdown_table, save_figure, write_section  # noqa: E402
 
 SECTION = "throughput"
@@ -64,6 +70,10 @@ class Measurement:
     threads: int
     epochs: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
+    load: str = ""  # the machine's load while this mode ran (load.OtherLoad.verdict)
+    busy: bool = False
+    ray_cores: float | None = None  # Ray's processes besides the workers, average cores
+    ray_top: str = ""  # the busiest of them
 
     def steady(self) -> list[dict]:
         """Epochs after the first (warm-up); all epochs when there is only one."""
@@ -107,21 +117,14 @@ def run_plain(config, mode: str) -> Measurement:
 
 
 def run_ray(config, mode: str, workers: int, storage: Path) -> Measurement:
-    """A ``TorchTrainer`` as ``trainables/driver.py`` builds it, one CPU per torch thread."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from ifsearch.config import config_to_dict
-    from trainables.worker import train_fn_per_worker
+    """A trial's ``TorchTrainer`` (``trainables.driver.build_trainer``), one CPU per thread."""
+    from trainables.driver import TrialSettings, build_trainer
 
     threads = config.train.num_threads
-    trainer = TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={"config": config_to_dict(config), "trial_id": "bench"},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False,
-                                     resources_per_worker={"CPU": float(threads)}),
-        run_config=RunConfig(name=f"throughput_{mode}", storage_path=str(storage)),
-    )
+    # No search space: the config is given whole. No Tune: no Tune callbacks.
+    settings = TrialSettings(space=None, num_workers=workers, cpus_per_worker=float(threads),
+                             storage_path=str(storage))
+    trainer = build_trainer(config, settings, f"throughput_{mode}")
     started = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - started
@@ -132,19 +135,35 @@ def run_ray(config, mode: str, workers: int, storage: Path) -> Measurement:
 
 
 def _ray_epochs(result) -> list[dict]:
-    """Per-epoch metrics of a Train run: one row per reported checkpoint (every epoch here)."""
-    frame = result.metrics_dataframe
-    if frame is not None and len(frame):
-        rows = frame.to_dict("records")
-    else:  # fall back to the metrics file rank 0 puts in every checkpoint
-        import json
+    """Per-epoch metrics of a Train run, from the metrics file its last checkpoint holds (Ray's
+    metrics table lists only the reports that carried a checkpoint)."""
+    import json
 
-        from ifsearch.train import METRICS_NAME
+    from ifsearch.train import METRICS_NAME
 
-        with result.checkpoint.as_directory() as directory:
-            lines = (Path(directory) / METRICS_NAME).read_text().splitlines()
-        rows = [json.loads(line) for line in lines if line.strip()]
-    return sorted(rows, key=lambda row: row["epoch"])
+    with result.checkpoint.as_directory() as directory:
+        lines = (Path(directory) / METRICS_NAME).read_text().splitlines()
+    return sorted((json.loads(line) for line in lines if line.strip()),
+                  key=lambda row: row["epoch"])
+
+
+def _measured(run, *args) -> Measurement:
+    """``run(*args)`` under ``OtherLoad``: the machine's load and Ray's own CPU go with it."""
+    with OtherLoad() as load:
+        result = run(*args)
+    result.load, result.busy = load.verdict(), load.busy
+    if result.workers:
+        ray = {title: cpu for title, cpu in load.ours.items()
+               if title.startswith("ray::") or title in ("raylet", "gcs_server", "dashboard.py",
+                                                          "agent.py", "log_monitor.py")}
+        ray.pop("ray::RayTrainWorker", None)
+        result.ray_cores = sum(ray.values()) / max(load.wall, 1e-9)
+        top = sorted(ray.items(), key=lambda item: -item[1])[:4]
+        result.ray_top = ", ".join(f"{title} {cpu / load.wall:.3f}" for title, cpu in top)
+    if result.busy:
+        print(f"  WARNING: {result.load}; the numbers of {result.mode} are disturbed",
+              flush=True)
+    return result
 
 
 def measure(modes: list[str], data: dict, epochs: int, scratch: Path,
@@ -157,7 +176,7 @@ def measure(modes: list[str], data: dict, epochs: int, scratch: Path,
         threads = cores if mode == "plain" else 1
         log(f"{mode}: train_loop, {threads} torch thread(s), {epochs} epochs ...")
         config = bench_config(data, epochs, threads, scratch / mode)
-        results.append(run_plain(config, mode))
+        results.append(_measured(run_plain, config, mode))
         log(f"  {results[-1].points_per_second:.0f} pts/s, {results[-1].wall_s:.1f} s")
     ray_modes = [m for m in modes if m.startswith("ray")]
     if ray_modes:
@@ -178,7 +197,8 @@ def measure(modes: list[str], data: dict, epochs: int, scratch: Path,
                 threads = cores if workers == 1 else per_worker
                 log(f"{mode}: TorchTrainer, {workers} worker(s) x {threads} torch thread(s) ...")
                 config = bench_config(data, epochs, threads, scratch / mode)
-                results.append(run_ray(config, mode, workers, scratch / "ray_storage"))
+                results.append(_measured(run_ray, config, mode, workers,
+                                         scratch / "ray_storage"))
                 log(f"  {results[-1].points_per_second:.0f} pts/s, {results[-1].wall_s:.1f} s")
         finally:
             ray.shutdown()
@@ -214,11 +234,13 @@ def render(results: list[Measurement], info: dict, data: dict, epochs: int,
             f"{r.wall_s:.1f}",
             overhead,
             wall,
+            "-" if r.ray_cores is None else f"{r.ray_cores:.3f}",
+            ("**busy**" if r.busy else "idle") if r.load else "-",
         ])
     table = markdown_table(
         ["mode", "workers", "torch threads/worker", "train points/s (median, steady)",
          "epoch s (median, steady)", "run wall-clock s", "overhead vs plain (points/s)",
-         "wall-clock vs plain"], rows)
+         "wall-clock vs plain", "Ray's other processes (cores)", "machine"], rows)
     steady = "epochs 2.." + str(epochs) if epochs > 1 else "the only epoch (no warm-up skipped)"
     lines = [
         f"Synthetic scenes (`data.num_points={data['num_points']}`, "
@@ -227,8 +249,11 @@ def render(results: list[Measurement], info: dict, data: dict, epochs: int,
         "cores. Points/s counts the training steps only (all workers together); medians over "
         f"{steady}. Wall-clock is the whole run: `train_loop` for the plain loop, "
         "`TorchTrainer.fit()` for Ray (worker start-up, process group, training, validation, "
-        "a checkpoint per epoch). Overhead = 1 - Ray/plain (points/s) against the plain loop "
-        "on all cores.",
+        "a checkpoint every `train.checkpoint_every` epochs and after the last). Overhead = "
+        "1 - Ray/plain (points/s) against the plain loop on all cores. \"Ray's other "
+        "processes\": average cores used by Ray's processes besides the training workers "
+        "(controller, dashboard, raylet, ...) over the run; \"machine\": whether other "
+        "processes of the machine competed (details below).",
         "",
         table,
         "",
@@ -289,6 +314,14 @@ def render(results: list[Measurement], info: dict, data: dict, epochs: int,
         text += ("Data parallelism pays off with one worker per GPU or per node, not by "
                  "splitting two cores.")
         lines += ["", text]
+    lines += ["", "Load while each mode ran (`benchmarks/load.py`):", ""]
+    lines += [f"- {r.mode}: {r.load}" + (f"; Ray's busiest other processes (cores): "
+                                         f"{r.ray_top}" if r.ray_top else "")
+              for r in results if r.load]
+    if any(r.busy for r in results):
+        lines += ["", "**The machine was not idle during this run**: other processes used the "
+                      "cores (see above), so the points/s and overheads are disturbed. Rerun on "
+                      "an idle machine before reading anything into them."]
     if "ray_init_s" in info:
         lines += ["", f"`ray.init` (local, dashboard on) took {info['ray_init_s']:.1f} s once "
                       "before the Ray runs; it is not in the wall-clock column."]

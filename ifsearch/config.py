@@ -138,6 +138,10 @@ class TrainConfig:
     seed: int = 0  # model init and data order
     output_dir: str = "runs/train"
     resume: bool = True  # continue from output_dir/checkpoint.pt when it exists
+    # Save a checkpoint every this many epochs, and always after the last one (and at a sweep's
+    # scheduler rungs). 2: a crash redoes at most one epoch, while a sweep's Ray Train run copies
+    # half the checkpoints it did at 1 (docs/benchmarks.md "Trial start-up and report cost").
+    checkpoint_every: int = 2
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     log_every: int = 0  # print the loss every this many steps; 0 = once per epoch
 
@@ -434,6 +438,8 @@ def _check(config: Config, source: str) -> list[str]:
     rule(t.device in DEVICES, "train.device", t.device, f"must be one of {list(DEVICES)}")
     rule(t.num_threads >= 0, "train.num_threads", t.num_threads, "must be >= 0")
     rule(t.log_every >= 0, "train.log_every", t.log_every, "must be >= 0")
+    rule(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every,
+         "must be >= 1 (1 = after every epoch)")
 
     rule(e.min_region_size >= 0, "eval.min_region_size", e.min_region_size, "must be >= 0")
     rule(0 < e.mask_threshold < 1, "eval.mask_threshold", e.mask_threshold, "must be in (0, 1)")

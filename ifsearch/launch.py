@@ -35,7 +35,7 @@ from ifsearch.tracking_server import (
     start_local_server,
 )
 
-DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "influencer_default.yaml"
+DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
 RUNS_DIR = Path("runs")
 STORAGE_ENV = "IFSEARCH_STORAGE"  # default --storage, e.g. set once on every cluster node
 # ifsearch's OptunaSearcher, or Ray's stock OptunaSearch (benchmarks/search_efficiency.py)

@@ -23,13 +23,6 @@ from ifsearch.launch import (
     resume_command,
     sweep_location,
 )
-from ifsearch.searcher import (  # noqa: F401  (build_searcher: re-exported for callers)
-    build_scheduler,
-    build_search_alg,
-    build_searcher,
-    default_storage,
-    restored_search,
-)
 from ifsearch.resources import (
     DRIVER_CPUS,
     check_local_trial,
@@ -37,7 +30,15 @@ from ifsearch.resources import (
     local_machine,
     local_ray_cpus,
 )
+from ifsearch.searcher import (  # noqa: F401  (build_searcher: re-exported for callers)
+    build_scheduler,
+    build_search_alg,
+    build_searcher,
+    default_storage,
+    restored_search,
+)
 from ifsearch.sweep_report import (
+    asha_milestones,
     slot_efficiency,
     sweep_rung_trust,
     write_plots,
@@ -58,7 +59,11 @@ from ifsearch.tracking import (
 )
 from ifsearch.tracking_server import free_port, redact_uri
 from trainables import TrialSettings, train_driver_fn
+from trainables.ray_report import StartupPhases
 
+# Ray Train settings for a local Ray only. The preemption watcher (one more actor process per
+# trial, polling Ray for nodes being drained) has nothing to watch on a single machine.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 SPOOL_NAME = "mlflow_spool.jsonl"  # MLflow records kept while the server is unreachable
 
 
@@ -68,6 +73,23 @@ def required_metrics(plan: SweepPlan) -> tuple[str, ...]:
     scheduler_metric = build_scheduler(plan).metric
     names += [scheduler_metric] if scheduler_metric else []
     return tuple(dict.fromkeys(names))
+
+
+def rung_epochs(plan: SweepPlan) -> tuple[int, ...]:
+    """Epochs at which the plan's scheduler may stop or pause a trial: they always checkpoint.
+
+    ASHA judges a trial at its first epoch >= each rung, grace_period * reduction_factor**k up
+    to max_epochs (Ray's ``_Bracket``, one bracket); a stopped trial's checkpoint is then its
+    last epoch's. HyperBand pauses trials at band boundaries it picks as trials arrive and
+    resumes them from their checkpoint, so every epoch is one. The median rule and FIFO only
+    stop trials (no resume): every ``train.checkpoint_every`` epochs and the last suffice.
+    """
+    if plan.scheduler == "hyperband":
+        return tuple(range(1, plan.max_epochs + 1))
+    if plan.scheduler != "asha":
+        return ()
+    return tuple(asha_milestones(plan.grace_period, plan.max_epochs,
+                                 plan.space.scheduler.get("reduction_factor", 2)))
 
 
 def worker_bundle(args: argparse.Namespace, custom: dict[str, float] | None = None) -> dict:
@@ -167,7 +189,8 @@ def start_ray(args: argparse.Namespace,
     os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
     try:
         ray.init(num_cpus=num_cpus, num_gpus=local_gpus, dashboard_host="127.0.0.1",
-                 include_dashboard=True, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+                 include_dashboard=True, runtime_env={"env_vars": {"RAY_ADDRESS": address,
+                                                                   **LOCAL_TRAIN_ENV}})
     finally:
         if previous is None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
@@ -209,6 +232,7 @@ def _run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str | No
         custom_resources=plan.worker_resources, storage_path=f"{sweep_uri}/train",
         mlflow={"tracking_uri": tracking_uri, "experiment": args.experiment, "sweep": plan.name},
         required_metrics=required_metrics(plan),
+        checkpoint_epochs=rung_epochs(plan),
     )
     client = MlflowClient(tracking_uri)
     parent_params = {
@@ -253,8 +277,9 @@ def _run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str | No
         )
         # A trial whose own process dies is restarted once; its Train run (same name) resumes
         # from the last checkpoint. Worker deaths are retried inside Train (trainables/).
-        run_config = tune.RunConfig(name=plan.name, storage_path=plan.storage, 
-                                    callbacks=[logger, table],
+        # StartupPhases edits each trial's first result (start-up phases): before the logger.
+        run_config = tune.RunConfig(name=plan.name, storage_path=plan.storage,
+                                    callbacks=[StartupPhases(), logger, table],
                                     progress_reporter=reporter,
                                     failure_config=tune.FailureConfig(max_failures=1))
         tuner = tune.Tuner(
@@ -262,6 +287,9 @@ def _run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str | No
             tune_config=tune.TuneConfig(  # the search_alg limits concurrency itself
                 search_alg=build_search_alg(plan, study_url, concurrent),
                 scheduler=build_scheduler(plan), num_samples=plan.num_samples,
+                # A finished trial's driver process takes the next trial: no new process, no
+                # second import of Ray Train and torch (docs/benchmarks.md, start-up phases).
+                reuse_actors=True,
             ),
             run_config=run_config,
         )

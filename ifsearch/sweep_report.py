@@ -123,15 +123,20 @@ def histories_from_results(results, metrics: Sequence[str]) -> Histories:
     return histories
 
 
-def asha_rungs(grace_period: int, max_epochs: int, reduction_factor: float) -> list[int]:
-    """The epochs at which Ray's ASHA judges a trial (one bracket), ascending.
+def asha_milestones(grace_period: int, max_epochs: int, reduction_factor: float) -> list[int]:
+    """Every epoch at which Ray's ASHA judges a trial (one bracket), ascending.
 
-    Ray's ``_Bracket`` places ``int(log(max_t / grace) / log(rf) + 1)`` rungs at
-    ``grace * rf**k``; a rung at ``max_epochs`` itself stops nothing, so it is left out.
+    Ray's ``_Bracket`` places ``int(log(max_t / grace) / log(rf) + 1)`` milestones at
+    ``grace * rf**k`` and judges a trial at its first reported epoch >= each: ``ceil`` of it.
     """
     count = int(np.log(max_epochs / grace_period) / np.log(reduction_factor) + 1)
-    rungs = [int(grace_period * reduction_factor ** k) for k in range(count)]
-    return [r for r in rungs if r < max_epochs]
+    return sorted({math.ceil(grace_period * reduction_factor ** k) for k in range(count)})
+
+
+def asha_rungs(grace_period: int, max_epochs: int, reduction_factor: float) -> list[int]:
+    """The milestones before the last epoch: a rung at ``max_epochs`` itself stops nothing."""
+    return [r for r in asha_milestones(grace_period, max_epochs, reduction_factor)
+            if r < max_epochs]
 
 
 def _value_at(history: dict[int, dict[str, float]], epoch: int, metric: str) -> float | None:

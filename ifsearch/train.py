@@ -17,7 +17,7 @@ import random
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ from ifsearch.models import ImageInfluencerFormer, InfluencerFormer
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 ReportFn = Callable[[dict, Path | None], None]
+PhaseFn = Callable[[str], None]  # told "data", then "model", once each is built
 
 
 def resolve_device(config: Config) -> torch.device:
@@ -189,7 +190,9 @@ def load_checkpoint(path: Path, config: Config) -> dict:
     return state
 
 
-def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, float]:
+def train_loop(config: Config, report: ReportFn | None = None,
+               on_phase: PhaseFn | None = None,
+               checkpoint_epochs: Collection[int] = ()) -> dict[str, float]:
     """Train and evaluate one configuration; returns the last epoch's metrics.
 
     Runs as is on one process, or as one rank of a data-parallel group when torch.distributed is
@@ -200,7 +203,14 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
 
     Args:
         config: the fully resolved config.
-        report: called after every epoch with (metrics, checkpoint path or None on ranks > 0).
+        report: called after every epoch with (metrics, the checkpoint path when this epoch
+            saved one on rank 0, else None).
+        on_phase: called with "data" once the datasets are built and "model" once the model,
+            criterion and optimizer are (and a checkpoint is restored): lets a caller time its
+            start-up (``trainables/`` does) without this loop knowing about clocks or Ray.
+        checkpoint_epochs: epochs that save a checkpoint besides every
+            ``train.checkpoint_every``-th and the last (a sweep's scheduler rungs, where trials
+            are stopped or paused).
     """
     device = resolve_device(config)
     if config.train.num_threads:
@@ -217,6 +227,7 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
     checkpoint_path = output_dir / CHECKPOINT_NAME
 
     train_set, val_set = build_datasets(config)
+    _tell(on_phase, "data")
     num_classes = len(train_set.class_names)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
                                  seed=config.train.seed)
@@ -240,9 +251,10 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
         torch.set_rng_state(state["torch_rng"])
         start_epoch = state["epoch"] + 1
         print(f"resumed from {checkpoint_path} at epoch {state['epoch']}", flush=True)
-    if start_epoch == 1 and rank == 0:  # a fresh run: metrics of an earlier one would mix in
-        (output_dir / METRICS_NAME).unlink(missing_ok=True)
+    if rank == 0:  # metrics of epochs after the checkpoint (or of an earlier run) would mix in
+        _keep_metrics_until(output_dir / METRICS_NAME, start_epoch - 1)
     ddp_model = DistributedDataParallel(model) if distributed else model
+    _tell(on_phase, "model")
 
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, config.train.epochs + 1):
@@ -300,17 +312,36 @@ def train_loop(config: Config, report: ReportFn | None = None) -> dict[str, floa
         metrics["steps_per_epoch"] = steps_per_epoch  # per rank: DDP splits the scenes
         metrics["start_epoch"] = start_epoch  # > 1 when this process resumed a checkpoint
 
+        saved = rank == 0 and (epoch % config.train.checkpoint_every == 0
+                               or epoch == config.train.epochs or epoch in checkpoint_epochs)
         if rank == 0:
-            save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, config)
             with open(output_dir / METRICS_NAME, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            if saved:
+                save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, config)
             print(_epoch_line(metrics, config.train.epochs), flush=True)
         if report is not None:
-            report(metrics, checkpoint_path if rank == 0 else None)
+            report(metrics, checkpoint_path if saved else None)
     if not metrics:  # resumed a run that had already finished: its last epoch's metrics
         lines = (output_dir / METRICS_NAME).read_text().splitlines()
         metrics = json.loads(lines[-1]) if lines else {}
     return metrics
+
+
+def _keep_metrics_until(path: Path, last_epoch: int) -> None:
+    """Drop the lines of epochs after ``last_epoch`` (all of them for a fresh run, 0): epochs
+    trained after the last checkpoint are trained again and must not be listed twice."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))
+
+
+def _tell(on_phase: PhaseFn | None, name: str) -> None:
+    if on_phase is not None:
+        on_phase(name)
 
 
 def _divergence(parts: dict, epoch: int, step: int, lr: float) -> DivergenceError:

@@ -174,14 +174,17 @@ def test_throughput_smoke_writes_its_section(tmp_path):
     assert list(rows[0]) == ["mode", "workers", "torch threads/worker",
                              "train points/s (median, steady)", "epoch s (median, steady)",
                              "run wall-clock s", "overhead vs plain (points/s)",
-                             "wall-clock vs plain"]
+                             "wall-clock vs plain", "Ray's other processes (cores)", "machine"]
     assert [(r["mode"], r["workers"]) for r in rows] == [("plain loop", "- (no Ray)"),
                                                          ("Ray Train", "1")]
     for row in rows:
         assert float(row["train points/s (median, steady)"].replace(",", "")) > 0
         assert float(row["run wall-clock s"]) > 0
     assert rows[1]["overhead vs plain (points/s)"].endswith("%")
+    assert float(rows[1]["Ray's other processes (cores)"]) > 0  # at least the controller ran
+    assert rows[0]["machine"] in ("idle", "**busy**")
     assert "Goal (< 10% overhead for one worker)" in text
+    assert "- ray-1: machine load: " in text and "ray::TrainController" in text
     assert (tmp_path / "img" / "throughput.png").stat().st_size > 0
 
 

@@ -156,3 +156,43 @@ def test_fresh_run_replaces_the_metrics_of_an_earlier_one(tmp_path):
     train_loop(config)  # resume=false into the same folder: starts over
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1]
+
+
+def _epoch_on_disk(run_dir):
+    path = run_dir / "checkpoint.pt"
+    return torch.load(path, weights_only=False)["epoch"] if path.exists() else None
+
+
+def test_checkpoints_every_n_epochs_at_the_given_epochs_and_the_last(tmp_path):
+    """checkpoint_every=3 over 7 epochs, rung at 2: saved after epochs 2, 3, 6 and 7 only. The
+    file on disk (not the loop's own bookkeeping) says which epoch it holds after each one."""
+    config = tiny_config(tmp_path, train={"epochs": 7, "checkpoint_every": 3},
+                         data={"train_scenes": 4, "val_scenes": 2})
+    seen = []  # (epoch, checkpoint path passed to report, epoch stored in the file on disk)
+    train_loop(config, report=lambda m, ckpt: seen.append(
+        (m["epoch"], ckpt, _epoch_on_disk(tmp_path / "run"))), checkpoint_epochs=[2])
+    assert [e for e, ckpt, _ in seen if ckpt is not None] == [2, 3, 6, 7]
+    assert [on_disk for _, _, on_disk in seen] == [None, 2, 3, 3, 3, 6, 7]
+
+
+def test_resume_from_a_sparse_checkpoint_redoes_the_epochs_after_it(tmp_path):
+    """A run dies after epoch 3 with its last checkpoint at epoch 2: the resumed run starts at
+    epoch 3, and the metrics file lists every epoch once."""
+    config = tiny_config(tmp_path, train={"epochs": 4, "checkpoint_every": 2},
+                         data={"train_scenes": 4, "val_scenes": 2})
+
+    def die_after_3(metrics, checkpoint):
+        if metrics["epoch"] == 3:
+            raise KeyboardInterrupt  # the process is killed
+
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(config, report=die_after_3)
+    assert _epoch_on_disk(tmp_path / "run") == 2
+    assert [m["epoch"] for m in read_metrics(config)] == [1, 2, 3]
+
+    resumed = []
+    final = train_loop(config, report=lambda m, ckpt: resumed.append(m))
+    assert [m["epoch"] for m in resumed] == [3, 4]
+    assert final["start_epoch"] == 3
+    assert [m["epoch"] for m in read_metrics(config)] == [1, 2, 3, 4]
+    assert _epoch_on_disk(tmp_path / "run") == 4

@@ -1,14 +1,14 @@
-"""Ray Train wiring without Tune: DDP splits the data, a same-named run resumes its checkpoint."""
+"""Ray Train wiring without Tune: a trial's trainer (``build_trainer``: its own torch backend,
+checkpoint cadence) splits the data over DDP workers, and a same-named run resumes its
+checkpoint."""
 
 import math
 
 import pytest
 import ray
-from ray.train import RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
-from ifsearch.config import config_from_dict, config_to_dict
-from trainables import train_fn_per_worker
+from ifsearch.config import config_from_dict
+from trainables.driver import TrialSettings, build_trainer
 
 SCENES, BATCH = 8, 2
 
@@ -31,13 +31,8 @@ def local_ray():
 
 
 def fit(tmp_path, epochs, workers):
-    trainer = TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={"config": config_to_dict(tiny(epochs)), "trial_id": "test"},
-        scaling_config=ScalingConfig(num_workers=workers),
-        run_config=RunConfig(name=f"ddp{workers}", storage_path=str(tmp_path)),
-    )
-    return trainer.fit()
+    settings = TrialSettings(space=None, num_workers=workers, storage_path=str(tmp_path))
+    return build_trainer(tiny(epochs), settings, f"ddp{workers}").fit()
 
 
 @pytest.mark.slow
@@ -45,7 +40,8 @@ def test_two_workers_split_the_scenes_and_resume(tmp_path, local_ray):
     one = fit(tmp_path, epochs=1, workers=1)
     assert one.metrics["steps_per_epoch"] == math.ceil(SCENES / BATCH)
     two = fit(tmp_path, epochs=1, workers=2)
-    assert two.metrics["steps_per_epoch"] == math.ceil(SCENES / 2 / BATCH)  # half each
+    # Half each: the process group is up (trainables/backend.py hands two workers to Ray's).
+    assert two.metrics["steps_per_epoch"] == math.ceil(SCENES / 2 / BATCH)
     assert two.checkpoint is not None
     assert (tmp_path / "ddp2").exists()
 

@@ -36,22 +36,26 @@ from pathlib import Path
 from ifsearch.config import config_from_dict
 from ifsearch.errors import DivergenceError
 from ifsearch.train import CHECKPOINT_NAME, METRICS_NAME, train_loop
-from trainables import ray_report
+from trainables import ray_report, startup
 
 
 def train_fn_per_worker(train_loop_config: dict) -> None:
     """Run the plain training loop on this worker; DDP is already initialised by Ray Train.
 
     Args:
-        train_loop_config: ``{"config": <nested config dict>, "trial_id": str,
-            "mlflow": TrialSettings.mlflow, "required_metrics": [str, ...]}`` (the last:
-            result keys Tune requires).
+        train_loop_config: ``{"config": <nested config dict>, "checkpoint_epochs": [epochs
+            that always save a checkpoint: the scheduler's rungs], "mlflow":
+            TrialSettings.mlflow, "required_metrics": [result keys Tune requires]}``; from a
+            Tune trial also ``"trial_id"`` and ``"startup_marks"`` ({mark: time} taken before
+            this worker).
     """
+    # Start-up marks (trainables/startup.py) ride along with this process's first report.
+    marks = {**train_loop_config.get("startup_marks", {}), "worker_fn_start": startup.now()}
     config = config_from_dict(train_loop_config["config"], source="trial config")
     rank = ray_report.worker_rank()
     # Each worker trains in a scratch directory, removed at the end; Ray's storage keeps the
     # checkpoints (report copies them there).
-    prefix = f"ifsearch_{train_loop_config['trial_id']}_r{rank}_"
+    prefix = f"ifsearch_{train_loop_config.get('trial_id', 'run')}_r{rank}_"
     with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
         output_dir = Path(scratch)
         config.train.output_dir = str(output_dir)
@@ -61,9 +65,20 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
 
         location = ray_report.worker_location()
 
+        def on_phase(name: str) -> None:
+            marks[f"{name}_built"] = startup.now()
+
         def report(metrics: dict, checkpoint: Path | None) -> None:
-            files = [checkpoint, output_dir / METRICS_NAME] if checkpoint else None
-            ray_report.report_epoch({**metrics, **location}, files)
+            first = {}
+            if marks:
+                first = startup.as_metrics({**marks, "report_call": startup.now()})
+                marks.clear()
+            # The checkpoint, the metrics file and the config of output_dir: one copy by Ray.
+            ray_report.report_epoch({**metrics, **location, **first},
+                                    output_dir if checkpoint else None)
+
+        train_loop(config, report=report, on_phase=on_phase,
+                   checkpoint_epochs=train_loop_config.get("checkpoint_epochs", ()))
 
         # Rank 0's node is where the trial trains: its CPU/GPU/memory go into the trial's run.
         monitor = nullcontext()
@@ -73,7 +88,8 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
             monitor = system_metrics(train_loop_config["mlflow"], train_loop_config["trial_id"])
         with monitor:
             try:
-                train_loop(config, report=report)
+                train_loop(config, report=report, on_phase=on_phase,
+                           checkpoint_epochs=train_loop_config.get("checkpoint_epochs", ()))
             except DivergenceError as exc:  # not retried: see the module docstring
                 result = divergence_result(exc, train_loop_config.get("required_metrics", ()))
                 ray_report.report_epoch({**result, **location}, None)
