@@ -16,13 +16,17 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test install postgres chromium rehearsal benchmarks clean
 
+# pip's output (hundreds of lines) goes to $(VENV)/install.log; its tail is shown if it fails.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
+	@echo "creating $(VENV)"
+	@$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
-	$(BIN)/pip install $(PIP_TORCH_INDEX) -c $(CONSTRAINTS) -e ".[test]"
-	touch $@
+	@echo "installing ifsearch and the locked versions of $(CONSTRAINTS) (log: $(VENV)/install.log)"
+	@$(BIN)/pip install $(PIP_TORCH_INDEX) -c $(CONSTRAINTS) -e ".[test]" > $(VENV)/install.log 2>&1 \
+	  || { tail -n 40 $(VENV)/install.log; echo "pip failed: see $(VENV)/install.log"; exit 1; }
+	@touch $@
 
 install: $(VENV)/.installed
 
