@@ -156,11 +156,11 @@ class ProgressTable(tune.Callback):
         self.refresh_seconds = refresh_seconds
         self.max_rows = max_rows
         self._drawn_lines = 0  # lines of the table now on a terminal (redrawn in place)
-        self._last_print = 0.0
+        self._last_print = -math.inf  # monotonic time starts near 0 at boot: never printed
         self._last_text = ""
 
     def __setstate__(self, state: dict) -> None:  # restored on --resume: a fresh terminal
-        self.__dict__.update(state, _drawn_lines=0, _last_print=0.0, _last_text="")
+        self.__dict__.update(state, _drawn_lines=0, _last_print=-math.inf, _last_text="")
 
     @property
     def console(self) -> Console | None:

@@ -47,7 +47,7 @@ def sweep(tmp_path_factory):
         with pytest.MonkeyPatch.context() as env:  # short trials: a system sample every second
             env.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
             output = launch(tmp, server.url, "--name", SWEEP, "--num-samples", str(TRIALS),
-                            "--max-epochs", "2", "--scheduler", "fifo")
+                            "--max-epochs", "2", "--scheduler", "fifo").output
         yield Sweep(server.url, tmp.name, output, tmp / "sweeps")
     finally:
         stop_local_server(tmp / "mlflow")

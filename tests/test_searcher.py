@@ -384,7 +384,7 @@ def test_the_study_records_what_tune_did_and_resume_continues_it(tmp_path, mlflo
     larger budget and a warm start that diverges, the same study gets the new trials."""
     anchor = tiny_config(tmp_path, "anchor", lr=1.0e-2, weight_decay=7.0e-5)
     out = launch(tmp_path, mlflow_server, "--name", "truth", "--warm-start", anchor,
-                 "--num-samples", "3", "--max-epochs", "3")
+                 "--num-samples", "3", "--max-epochs", "3").output
     sweep = tmp_path / "sweeps" / "truth"
     url = f"sqlite:///{sweep / 'optuna.db'}"
     assert f"Optuna study 'truth' in {url}" in out
@@ -399,7 +399,7 @@ def test_the_study_records_what_tune_did_and_resume_continues_it(tmp_path, mlflo
 
     diverging = tiny_config(tmp_path, "diverging", lr=1.0e30, weight_decay=0.0)
     out = launch(tmp_path, mlflow_server, "--resume", "--name", "truth", "--num-samples", "5",
-                 "--warm-start", diverging, "--max-epochs", "3")
+                 "--warm-start", diverging, "--max-epochs", "3").output
     assert "resuming sweep truth" in out
     expected = tune_expectations(sweep, "val_loss", 3)
     assert len(expected) == 5 and optuna_record(url, "truth") == expected

@@ -77,9 +77,6 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
             ray_report.report_epoch({**metrics, **location, **first},
                                     output_dir if checkpoint else None)
 
-        train_loop(config, report=report, on_phase=on_phase,
-                   checkpoint_epochs=train_loop_config.get("checkpoint_epochs", ()))
-
         # Rank 0's node is where the trial trains: its CPU/GPU/memory go into the trial's run.
         monitor = nullcontext()
         if rank == 0 and train_loop_config.get("mlflow"):
