@@ -1242,8 +1242,9 @@ def main(argv: list[str] | None = None) -> int:
     args.mlflow_uri = args.mlflow_uri or f"sqlite:///{root / 'mlflow.db'}"
     log = Clock()
     # SIGTERM (kill, a batch scheduler) stops like Ctrl-C: sweeps save, retrains keep their
-    # checkpoints.
-    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    # checkpoints. Raised here, not re-sent as SIGINT: a process started in the background by
+    # a non-interactive shell (`study.py &`) inherits SIGINT ignored.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         with study_lock(work):
             return _run(work, budget, mode, args, out, images, log)
@@ -1254,6 +1255,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"interrupted: the finished work is kept in {root}; run the same command again to "
             "continue where it stopped")
         return 130
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _run(work: Work, budget: Budget, mode: str, args: argparse.Namespace, out: Path,

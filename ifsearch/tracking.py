@@ -44,6 +44,7 @@ TRIAL_NUMBER_TAG = "ifsearch.trial_number"  # creation order: 1 = the first tria
 INTERRUPTED_TAG = "ifsearch.interrupted"  # on runs a SIGINT/SIGTERM left unfinished
 ERROR_TAG = "ifsearch.error"  # why a FAILED trial failed
 DIVERGED = "diverged"  # truthy in a trial's last result when its loss went non-finite
+REPLAYED = "replayed"  # truthy in a result that repeats an epoch (trainables/worker.py)
 # Where a trial's rank-0 Train worker ran (reported by trainables/ as worker_node_id/_host).
 WORKER_NODE_TAG = "ifsearch.worker_node_id"
 WORKER_HOST_TAG = "ifsearch.worker_host"
@@ -297,15 +298,16 @@ class RunWriter:
 
     def _result(self, record: dict) -> None:
         run_id = self.trial_run(record)
-        if record.get("backfill"):  # epochs before a restart that MLflow may lack
+        logged = set()
+        if record.get("backfill") or record.get(REPLAYED):  # epochs MLflow may lack or have
             logged = {m.step for m in self.client.get_metric_history(run_id, EVERY_EPOCH)}
-            missing = [e for e in record["backfill"] if e["step"] not in logged]
-            for i, entry in enumerate(missing):  # time stamps just before this result's
-                stamp = record["timestamp"] - len(missing) + i
-                self.client.log_batch(run_id, metrics=[
-                    Metric(k, v, stamp, entry["step"]) for k, v in entry["metrics"].items()])
-        metrics = [Metric(k, v, record["timestamp"], record["step"])
-                   for k, v in record["metrics"].items()]
+        missing = [e for e in record.get("backfill", ()) if e["step"] not in logged]
+        for i, entry in enumerate(missing):  # time stamps just before this result's
+            stamp = record["timestamp"] - len(missing) + i
+            self.client.log_batch(run_id, metrics=[
+                Metric(k, v, stamp, entry["step"]) for k, v in entry["metrics"].items()])
+        metrics = [] if record["step"] in logged else [
+            Metric(k, v, record["timestamp"], record["step"]) for k, v in record["metrics"].items()]
         self.client.log_batch(run_id, metrics=metrics,
                               tags=[RunTag(k, v) for k, v in record.get("tags", {}).items()])
 
@@ -432,6 +434,8 @@ class MlflowTrialLogger(tune.Callback):
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         record = {"kind": "result", "trial_id": trial.trial_id, "step": step,
                   "timestamp": int(time.time() * 1000), "metrics": _metrics(result)}
+        if result.get(REPLAYED):
+            record[REPLAYED] = True
         backfill = _epochs_before_restart(result)
         if backfill:
             record["backfill"] = backfill

@@ -362,15 +362,15 @@ def test_smoke_study_interrupted_resumed_and_rerun(tmp_path):
            "--smoke-test", "--out", str(out), "--images", str(images), "--progress-every", "30"]
     env = dict(os.environ, RAY_DEDUP_LOGS="0", PYTHONPATH=str(REPO))
 
-    # 1. Interrupted (Ctrl-C / kill) once the Influencer sweep's first trial has started its
-    # Train run: its smoke epochs take a fraction of a second, so waiting for a reported epoch
-    # races the sweep's end (Tune copies result.json to the storage only every few minutes).
+    # 1. Interrupted (Ctrl-C / kill) once the Influencer sweep's first Train run is starting
+    # (Train makes the sweep's train/ folder): the smoke trials' epochs take a fraction of a
+    # second, so waiting for a reported epoch or checkpoint races the sweep's end.
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     sweep = work / "sweeps" / "study-influencer"
     while time.time() < deadline and first.poll() is None and \
-            not any(sweep.glob("train/train_*")):
+            not (sweep / "train").exists():
         time.sleep(0.2)
     first.send_signal(signal.SIGTERM)
     text = first.communicate(timeout=300)[0]

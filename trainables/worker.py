@@ -68,7 +68,10 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
         def on_phase(name: str) -> None:
             marks[f"{name}_built"] = startup.now()
 
+        reported = []  # epochs this process reported
+
         def report(metrics: dict, checkpoint: Path | None) -> None:
+            reported.append(metrics["epoch"])
             first = {}
             if marks:
                 first = startup.as_metrics({**marks, "report_call": startup.now()})
@@ -85,11 +88,28 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
             monitor = system_metrics(train_loop_config["mlflow"], train_loop_config["trial_id"])
         with monitor:
             try:
-                train_loop(config, report=report, on_phase=on_phase,
-                           checkpoint_epochs=train_loop_config.get("checkpoint_epochs", ()))
+                final = train_loop(config, report=report, on_phase=on_phase,
+                                   checkpoint_epochs=train_loop_config.get("checkpoint_epochs", ()))
             except DivergenceError as exc:  # not retried: see the module docstring
                 result = divergence_result(exc, train_loop_config.get("required_metrics", ()))
                 ray_report.report_epoch({**result, **location}, None)
+            else:
+                if not reported and final:
+                    ray_report.report_epoch(replayed_result(final) | location, None)
+
+
+def replayed_result(final: dict) -> dict:
+    """The result of a resumed run that had nothing left to train: its last epoch, again.
+
+    A run's last epoch can end while the sweep is being interrupted, checkpointed but never
+    received by Tune; the resumed trial then restores that checkpoint and trains nothing. Its
+    last epoch is reported once more so that Tune, the searcher (which told Optuna only the
+    epochs it received) and MLflow get the trial's final result. ``start_epoch`` = that epoch
+    marks it as the first result of a resumed process, so the MLflow logger logs the earlier
+    epochs it lacks from the checkpoint; ``replayed`` (ifsearch.tracking.REPLAYED) tells it to
+    skip the epoch itself if it was logged already, as the searcher skips epochs it has seen.
+    """
+    return {**final, "start_epoch": final["epoch"], "replayed": True}
 
 
 def divergence_result(exc: DivergenceError, required_metrics) -> dict:
