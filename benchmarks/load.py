@@ -3,8 +3,8 @@
 Timings on a shared machine mean little when other processes compete for the cores. ``OtherLoad``
 samples ``/proc`` once a second and adds up the CPU time of every process that is not the
 benchmark itself or one of its descendants (the launcher, its local Ray, the MLflow server it
-started): the average number of cores the rest of the machine used. ``/proc/loadavg`` before the
-run is kept too. The benchmark's own processes are added up as well, by process title
+started): the average number of cores the rest of the machine used, which decides the verdict.
+``/proc/loadavg`` before the run is kept too, for information. The benchmark's own processes are added up as well, by process title
 (``ray::TrainController``, ``raylet``, ...): where Ray's CPU goes. Linux only; elsewhere the
 numbers are absent and the verdict says so.
 """
@@ -145,9 +145,13 @@ class OtherLoad:
 
     @property
     def busy(self) -> bool:
-        """Others used more than ``BUSY_CORES`` on average, or were loading the machine before."""
-        return self.cores is not None and (
-            self.cores > BUSY_CORES or (self.loadavg_before or 0.0) > 2 * BUSY_CORES)
+        """Others used more than ``BUSY_CORES`` on average while inside.
+
+        Only the measured CPU of other processes counts: the load average before the run is
+        shown but not judged, since it still holds whatever ran in the last minutes, such as
+        the benchmark's own previous mode.
+        """
+        return self.cores is not None and self.cores > BUSY_CORES
 
     def verdict(self) -> str:
         """One line for a benchmark's output and its docs section."""

@@ -221,3 +221,15 @@ def test_search_efficiency_smoke_writes_its_section_and_a_rerun_skips(tmp_path):
                             "--smoke-test", "--wall", "30", "--workdir", str(work)],
                            capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "wall_s: 60.0 -> 30.0" in other.stderr
+
+
+def test_idle_is_judged_on_other_processes_cpu_not_the_load_average_before():
+    """A load average left by the benchmark's own previous mode does not make a run 'busy';
+    other processes using half a core does."""
+    from load import OtherLoad
+
+    load = OtherLoad()
+    load.cores, load.loadavg_before = 0.02, 2.0
+    assert not load.busy and "idle" in load.verdict()
+    load.cores = 0.5
+    assert load.busy and "NOT idle" in load.verdict()
