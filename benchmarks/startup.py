@@ -103,7 +103,9 @@ def run_sweep(concurrent: int, trials: int, epochs: int, *, repo: Path, workdir:
               tracking_uri: str, sets: list[str], timeout: float, log=print) -> SweepTiming:
     """One launcher run (its own local Ray) in ``workdir``; returns its trials' timings."""
     name = f"c{concurrent}-{time.strftime('%H%M%S')}"
-    cmd = [sys.executable, "-m", "ifsearch.launch", "--space", str(SPACE),
+    # Each checkout sweeps its own influencer_default.yaml: an older one cannot read newer keys.
+    space = repo / SPACE.relative_to(REPO)
+    cmd = [sys.executable, "-m", "ifsearch.launch", "--space", str(space),
            "--num-samples", str(trials), "--max-epochs", str(epochs),
            "--max-concurrent", str(concurrent), "--scheduler", "fifo", "--searcher", "random",
            "--name", name, "--storage", str(workdir / "sweeps"), "--mlflow-uri", tracking_uri,
