@@ -4,9 +4,9 @@ Timings on a shared machine mean little when other processes compete for the cor
 samples ``/proc`` once a second and adds up the CPU time of every process that is not the
 benchmark itself or one of its descendants (the launcher, its local Ray, the MLflow server it
 started): the average number of cores the rest of the machine used, which decides the verdict.
-``/proc/loadavg`` before the run is kept too, for information. The benchmark's own processes are added up as well, by process title
-(``ray::TrainController``, ``raylet``, ...): where Ray's CPU goes. Linux only; elsewhere the
-numbers are absent and the verdict says so.
+``/proc/loadavg`` before the run is kept too, for information. The benchmark's own processes are
+added up as well, by process title (``ray::TrainController``, ``raylet``, ...): where Ray's CPU
+goes. Linux only; elsewhere the numbers are absent and the verdict says so.
 """
 
 from __future__ import annotations

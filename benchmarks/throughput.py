@@ -285,10 +285,9 @@ def render(results: list[Measurement], info: dict, data: dict, epochs: int,
     # they skip intra-op threading, so ray-2 is not judged here.)
     suspicious = []
     if plain is not None:
-        for r in (ray1,):
-            if r is not None and r.points_per_second > 1.1 * plain.points_per_second:
-                ratio = r.points_per_second / plain.points_per_second
-                suspicious.append(f"{r.mode} is {ratio:.1f}x the plain loop")
+        if ray1 is not None and ray1.points_per_second > 1.1 * plain.points_per_second:
+            ratio = ray1.points_per_second / plain.points_per_second
+            suspicious.append(f"{ray1.mode} is {ratio:.1f}x the plain loop")
         if plain1 is not None and plain1.points_per_second > plain.points_per_second:
             suspicious.append("one torch thread beat two")
     if suspicious:
