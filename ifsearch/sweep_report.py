@@ -162,7 +162,7 @@ def rung_agreement(histories: Histories, rungs: Sequence[int], *, reduction_fact
       the sign turned so that +1 always means "the rung ranks them as the end does" (also when
       one metric is minimised and the other maximised). NaN when either side is constant.
     * ``top_stopped``: how many of the final top-``top_k`` trials the rung's cutoff would have
-      stopped. The cutoff is ASHA's rule (Ray's ``_Bracket.cutoff``): the
+      stopped (``stopped``: how many of all the trials that reached the rung). The cutoff is ASHA's rule (Ray's ``_Bracket.cutoff``): the
       ``(1 - 1/reduction_factor)`` percentile (numpy's linear interpolation) of the rung values,
       and a trial is stopped when its value is strictly worse than it, so ASHA keeps about the
       top ``1/reduction_factor``. Ray applies it asynchronously, to the trials that reached the
@@ -216,7 +216,7 @@ def rung_agreement(histories: Histories, rungs: Sequence[int], *, reduction_fact
             "epoch": rung, "reached": len(reached), "complete": len(both),
             "cutoff": sign_rung * cutoff if signed else math.nan,
             "spearman": rho, "p_value": p_value,
-            "stopped_complete": len(stopped & set(both)),
+            "stopped": len(stopped), "stopped_complete": len(stopped & set(both)),
             "top": len(top & set(both)), "top_stopped": len(stopped & top),
             "top_stopped_ids": sorted(stopped & top),
         })

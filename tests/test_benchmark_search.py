@@ -233,3 +233,60 @@ def test_idle_is_judged_on_other_processes_cpu_not_the_load_average_before():
     assert not load.busy and "idle" in load.verdict()
     load.cores = 0.5
     assert load.busy and "NOT idle" in load.verdict()
+
+
+def _fifo_histories(rung_values: dict[str, list[float]], final: list[float]) -> dict:
+    """Trials t0..tn: each candidate's value at epoch 2 and AP50 at the last epoch (4)."""
+    histories = {}
+    for i, final_value in enumerate(final):
+        at_rung = {metric: values[i] for metric, values in rung_values.items()}
+        histories[f"t{i}"] = {2: at_rung, 4: {**at_rung, "AP50": final_value}}
+    return histories
+
+
+def test_rung_metric_choice_prunes_where_the_objective_ties_at_zero():
+    import rung_metric as rm
+
+    settings = rm.SpaceSettings("space", "AP50", "max", max_epochs=4, rungs=(2,),
+                                reduction_factor=2, configured="AP50")
+    final = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    histories = _fifo_histories({
+        "AP50": [0.0] * 8,  # the class head has not learnt yet: every trial tied at 0
+        "AP50_agnostic": [0.05, 0.1, 0.2, 0.15, 0.3, 0.35, 0.5, 0.4],  # the masks separate them
+        "AP25": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+        "val_loss": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0],  # lower is better: ranks backwards
+    }, final)
+    rows = {r["metric"]: r for r in rm.judge(histories, settings)}
+    # By hand: ASHA's cutoff is the median; a trial is stopped when strictly worse than it.
+    assert rows["AP50"]["rungs"][0]["stopped"] == 0 and not rows["AP50"]["prunes"]
+    # The agnostic AP's median is (0.2 + 0.3) / 2 = 0.25: t0..t3 are below it, and t3 is the
+    # 5th best at the end (final top 5 = t3..t7).
+    assert [r["stopped"] for r in rows["AP50_agnostic"]["rungs"]] == [4]
+    assert rows["AP50_agnostic"]["top_stopped"] == 1
+    # AP25 ranks exactly as the end does; its cutoff (0.45) stops t3 as well (8 trials, a top 5
+    # and half stopped: some top-5 trial always goes), so the tie is broken by the Spearman.
+    assert rows["AP25"]["top_stopped"] == 1 and rows["AP25"]["mean_spearman"] == 1.0
+    assert rows["val_loss"]["top_stopped"] == 4  # keeps the four worst, stops t4..t7
+    assert [r["best_stopped"] for r in rows["val_loss"]["rungs"]] == [True]  # t7 among them
+    assert [r["best_stopped"] for r in rows["AP25"]["rungs"]] == [False]
+    assert rm.choose(list(rows.values()))["metric"] == "AP25"
+    # Without AP25 the agnostic AP wins over the backwards val_loss and the non-pruning AP50.
+    rows.pop("AP25")
+    assert rm.choose(list(rows.values()))["metric"] == "AP50_agnostic"
+
+
+def test_throughput_judges_each_ray_mode_against_the_plain_loop_on_the_same_threads():
+    import throughput as tp
+
+    def measured(mode, workers, threads, points_per_second):
+        epochs = [{"points_per_second": points_per_second, "epoch_seconds": 1.0}] * 3
+        return tp.Measurement(mode, workers, threads, epochs, wall_s=10.0)
+
+    text = tp.render([measured("plain", 0, 2, 16000), measured("plain-1t", 0, 1, 10000),
+                      measured("ray-1", 1, 2, 12000), measured("ray-1-1t", 1, 1, 9500),
+                      measured("ray-2", 2, 1, 15000)], {"cores": 2}, tp.FULL_DATA, 3, None)
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| Ray Train")]
+    # By hand: 1 - 12000/16000, 1 - 9500/10000 (one thread each), 1 - 15000/16000.
+    assert [row[6] for row in rows] == ["25.0 %", "5.0 %", "6.2 %"]
+    assert "**Goal (< 10% overhead for one worker): not met**" in text
+    assert "**Goal at one torch thread (a sweep's default trial): met**" in text
