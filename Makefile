@@ -57,6 +57,7 @@ rehearsal: install postgres
 benchmarks: install
 	$(BIN)/python benchmarks/loss_speed.py
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/rung_metric.py
 	$(BIN)/python benchmarks/search_efficiency.py
 	$(BIN)/python benchmarks/study.py
 
