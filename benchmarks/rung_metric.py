@@ -26,7 +26,8 @@ the choice in ``scheduler: {metric, mode}``; this script only reports it.
     python benchmarks/rung_metric.py --smoke-test    # one tiny sweep, a temporary page
     python benchmarks/rung_metric.py --report-only   # rebuild the section from --workdir
 
-Resumable: a finished sweep is recorded in ``<workdir>/<sweep>.json`` and not run again.
+Resumable: a finished sweep is recorded in ``<workdir>/<sweep>.json`` and not run again (after
+changing a space's ranges or budget, remove its record and sweep folder to measure it anew).
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ class SpaceSettings:
 
 def space_settings(path: Path, max_epochs: int | None = None,
                    grace_period: int | None = None) -> SpaceSettings:
+    """The space file's objective, budget and rungs (``max_epochs``/``grace_period`` override
+    its budget: the smoke test's 3 epochs)."""
     from ifsearch.search_space import load_search_space
     from ifsearch.sweep_report import asha_rungs
 
