@@ -162,8 +162,8 @@ def rung_agreement(histories: Histories, rungs: Sequence[int], *, reduction_fact
       the sign turned so that +1 always means "the rung ranks them as the end does" (also when
       one metric is minimised and the other maximised). NaN when either side is constant.
     * ``top_stopped``: how many of the final top-``top_k`` trials the rung's cutoff would have
-      stopped (``stopped``: how many of all the trials that reached the rung). The cutoff is ASHA's rule (Ray's ``_Bracket.cutoff``): the
-      ``(1 - 1/reduction_factor)`` percentile (numpy's linear interpolation) of the rung values,
+      stopped (``stopped``: how many of all the trials that reached the rung). The cutoff is
+      ASHA's rule (Ray's ``_Bracket.cutoff``): the ``(1 - 1/reduction_factor)`` percentile (numpy's linear interpolation) of the rung values,
       and a trial is stopped when its value is strictly worse than it, so ASHA keeps about the
       top ``1/reduction_factor``. Ray applies it asynchronously, to the trials that reached the
       rung before; here it is applied to every trial that reached the rung (``reached``), the
