@@ -163,11 +163,12 @@ def rung_agreement(histories: Histories, rungs: Sequence[int], *, reduction_fact
       one metric is minimised and the other maximised). NaN when either side is constant.
     * ``top_stopped``: how many of the final top-``top_k`` trials the rung's cutoff would have
       stopped (``stopped``: how many of all the trials that reached the rung). The cutoff is
-      ASHA's rule (Ray's ``_Bracket.cutoff``): the ``(1 - 1/reduction_factor)`` percentile (numpy's linear interpolation) of the rung values,
-      and a trial is stopped when its value is strictly worse than it, so ASHA keeps about the
-      top ``1/reduction_factor``. Ray applies it asynchronously, to the trials that reached the
-      rung before; here it is applied to every trial that reached the rung (``reached``), the
-      order-free version of the same rule.
+      ASHA's rule (Ray's ``_Bracket.cutoff``): the ``(1 - 1/reduction_factor)`` percentile
+      (numpy's linear interpolation) of the rung values, and a trial is stopped when its value
+      is strictly worse than it, so ASHA keeps about the top ``1/reduction_factor``. Ray
+      applies it asynchronously, to the trials that reached the rung before; here it is
+      applied to every trial that reached the rung (``reached``), the order-free version of
+      the same rule.
 
     In a sweep that ASHA pruned, the trials that ran to the end are the ones that survived:
     their correlation is measured on a narrowed range. Histories of unpruned runs (a FIFO
