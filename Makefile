@@ -51,7 +51,7 @@ chromium:
 
 # deploy/README.md on this machine: Postgres-backed MLflow, a 2-node Ray cluster, `ray job submit`.
 rehearsal: install postgres
-	$(BIN)/python -m ifsearch.local_cluster
+	$(BIN)/python deploy/rehearsal.py
 
 # Every benchmark in turn (one at a time: they time things), refreshing docs/benchmarks.md.
 benchmarks: install

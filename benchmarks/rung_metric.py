@@ -12,7 +12,7 @@ ifsearch.launch --searcher random --scheduler fifo``): every trial trains to the
 without the bias of a pruned sweep (the survivors' narrowed range). Per candidate and rung:
 
 * **Spearman** between the candidate at the rung and the objective at the end
-  (``ifsearch.sweep_report.rung_agreement``; +1 = the rung ranks as the end does);
+  (``ifsearch.search.report.rung_agreement``; +1 = the rung ranks as the end does);
 * **final top-k stopped**: how many of the final top ``TOP_K`` the rung's cutoff would stop;
 * **stopped**: how many trials the cutoff would stop at all, against the ``1 - 1/rf`` ASHA aims
   at (ties at the cutoff survive).
@@ -89,8 +89,8 @@ def space_settings(path: Path, max_epochs: int | None = None,
                    grace_period: int | None = None) -> SpaceSettings:
     """The space file's objective, budget and rungs (``max_epochs``/``grace_period`` override
     its budget: the smoke test's 3 epochs)."""
-    from ifsearch.search_space import load_search_space
-    from ifsearch.sweep_report import asha_rungs
+    from ifsearch.search.report import asha_rungs
+    from ifsearch.search.space import load_search_space
 
     space = load_search_space(path)
     epochs = max_epochs or space.budget["max_epochs"]
@@ -107,7 +107,7 @@ def judge(histories: dict, settings: SpaceSettings, candidates=CANDIDATES,
 
     ``histories``: trial id -> {epoch: {metric: value}}, of trials nobody stopped.
     """
-    from ifsearch.sweep_report import rung_agreement
+    from ifsearch.search.report import rung_agreement
 
     keep = 1 / settings.reduction_factor
     sign = 1.0 if settings.mode == "max" else -1.0

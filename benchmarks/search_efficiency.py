@@ -542,7 +542,7 @@ def rung_analyses(sweeps: list[Sweep], *, rung_metric: str, rung_mode: str, metr
     The ASHA arms are judged on what they ran; random + FIFO's trials, which nobody stopped,
     are judged at the same rungs: the unbiased answer to "would these rungs have been right?".
     """
-    from ifsearch.sweep_report import asha_rungs, rung_trust
+    from ifsearch.search.report import asha_rungs, rung_trust
 
     rungs = asha_rungs(grace, max_epochs, rf)
     out = []
@@ -697,7 +697,7 @@ def render(sweeps: list[Sweep], result: dict, *, metric: str, seeds: Sequence[in
     lines += [
         "### Were ASHA's rungs trustworthy?",
         "",
-        "`ifsearch.sweep_report.rung_trust` over each arm's trials (seeds pooled): at each rung, "
+        "`ifsearch.search.report.rung_trust` over each arm's trials (seeds pooled): at each rung, "
         "Spearman's rank correlation between the rung value and the final value over the trials "
         "that ran to the end, and how many of the final top 5 the rung's cutoff would have "
         "stopped (untrustworthy: Spearman < 0.5 or a top-5 trial stopped). The ASHA arms' "
@@ -816,8 +816,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ifsearch.errors import IfsearchError
-    from ifsearch.launch import parse_rung_metric
-    from ifsearch.search_space import load_search_space
+    from ifsearch.search.cli import parse_rung_metric
+    from ifsearch.search.space import load_search_space
 
     name = "smoke" if args.smoke_test else "quick" if args.quick else "full"
     mode = MODES[name]

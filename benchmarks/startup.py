@@ -137,7 +137,7 @@ def read_trials(tracking_uri: str, sweep: str) -> list[TrialTiming]:
     """Every trial run of ``sweep`` with its phases and report overheads, from MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from ifsearch.tracking import ROLE_TAG, SWEEP_TAG, tag_filter
+    from ifsearch.tracking.runs import ROLE_TAG, SWEEP_TAG, tag_filter
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
@@ -271,7 +271,7 @@ What a trial's start-up is made of, and what the launcher does about it (issue 1
 - **torch.distributed** for a group of one: skipped (`backend_setup`).
 - **Datasets**: the synthetic scenes are generated lazily, per item, so building them costs
   milliseconds (`dataset`): nothing to cache or share. S3DIS is converted once per sweep
-  before Ray starts (`ifsearch.launch.prepare_data`).
+  before Ray starts (`ifsearch.search.cli.prepare_data`).
 - **Reports.** Ray Train's controller hands a report to Tune only when it polls its workers,
   every 2 s by default, and a worker whose previous report is unpolled waits: ~1 s per epoch of
   a 1 s epoch. Trials poll every 0.2 s (`trainables.driver.TRAIN_ENV`). A checkpoint goes with
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     data_path = args.data or (DATA if out == DOCS.resolve() else out.with_name("startup.json"))
     data = json.loads(data_path.read_text()) if data_path.exists() else {}
 
-    from ifsearch.tracking_server import start_local_server, stop_local_server
+    from ifsearch.tracking.server import start_local_server, stop_local_server
 
     scratch = Path(tempfile.mkdtemp(prefix="ifsearch_startup_"))
     sweeps = {}

@@ -312,7 +312,7 @@ def effective_space(text: str, budget: Budget, source: str = "") -> str:
 
 def prepare_spaces(work: Work, budget: Budget) -> None:
     """Write both effective spaces and validate them (every problem at once, before any run)."""
-    from ifsearch.search_space import load_search_space
+    from ifsearch.search.space import load_search_space
 
     for loss in LOSSES:
         text = effective_space(SPACES[loss].read_text(), budget,
@@ -518,7 +518,7 @@ def _launch(loss: str, action: str, work: Work, budget: Budget, args: argparse.N
 
 
 def asha_rungs(budget: Budget) -> list[int]:
-    from ifsearch.sweep_report import asha_rungs as rungs
+    from ifsearch.search.report import asha_rungs as rungs
 
     return rungs(budget.grace_period, budget.max_epochs, budget.reduction_factor)
 
@@ -793,8 +793,8 @@ def read_sweep(loss: str, work: Work, budget: Budget) -> SweepResult:
     import optuna
     from ray.tune import ExperimentAnalysis, ResultGrid
 
-    from ifsearch.search_space import load_search_space
-    from ifsearch.sweep_report import histories_from_results, study_from_results
+    from ifsearch.search.report import histories_from_results, study_from_results
+    from ifsearch.search.space import load_search_space
 
     space = load_search_space(work.space(loss), list(budget.sets))
     folder = work.sweep_folder(loss)
@@ -880,7 +880,7 @@ def rung_analyses(sweeps: dict[str, SweepResult], groups: dict[str, list[sr.Run]
     Returns the rows and a sentence on the slow starter: at each rung, how many seeds of each
     best config the cutoff (computed over all retrains together) would have stopped.
     """
-    from ifsearch.sweep_report import rung_trust
+    from ifsearch.search.report import rung_trust
 
     rungs = asha_rungs(budget)
     common = {"reduction_factor": budget.reduction_factor, "final_metric": OBJECTIVE}
@@ -943,7 +943,7 @@ def render(work: Work, budget: Budget, mode: str, args: argparse.Namespace,
            images: Path, out: Path) -> tuple[str, dict]:
     """The section's markdown, and the verdict (for the console)."""
     from ifsearch.config import load_config
-    from ifsearch.search_space import load_search_space
+    from ifsearch.search.space import load_search_space
 
     spaces = {loss: load_search_space(work.space(loss), list(budget.sets)) for loss in LOSSES}
     sweeps = {loss: read_sweep(loss, work, budget) for loss in LOSSES}
@@ -1051,7 +1051,7 @@ mean ± std over the seeds that reached it): {sr.convergence_sentence(main, labe
 
 For each population, at each ASHA rung: Spearman's rank correlation between the rung value and
 the final AP50 over the runs that went to the end, and how many of the final top 5 ASHA's cutoff
-would have stopped (`ifsearch.sweep_report.rung_trust`: the cutoff is the
+would have stopped (`ifsearch.search.report.rung_trust`: the cutoff is the
 `(1 - 1/{budget.reduction_factor})` percentile of the rung values of every run that reached the
 rung; Ray applies the same rule asynchronously). A rung is untrustworthy when its Spearman is
 below 0.5 or it would stop a final top-5 run. The sweeps' complete trials are the ones ASHA let
@@ -1065,7 +1065,7 @@ that selection.
 ### Hyperparameter importances found by the sweeps
 
 Optuna importances of the last-epoch AP50 over each sweep's trials (rebuilt with
-`ifsearch.sweep_report.study_from_results`; trials ASHA stopped count at their truncated AP50,
+`ifsearch.search.report.study_from_results`; trials ASHA stopped count at their truncated AP50,
 so read them as "what this sweep leaned on"). The two evaluators disagreeing is the measure of
 their roughness.
 

@@ -372,7 +372,7 @@ def spaces_table(spaces: dict[str, Any]) -> str:
 
 
 def rung_table(analyses: list[tuple[str, dict]]) -> str:
-    """``ifsearch.sweep_report.rung_trust`` verdicts, one row per (population, rung)."""
+    """``ifsearch.search.report.rung_trust`` verdicts, one row per (population, rung)."""
     rows = []
     for label, result in analyses:
         for r in result["rungs"]:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import study  # noqa: E402
 import study_report as sr  # noqa: E402
 
-from ifsearch.search_space import load_search_space  # noqa: E402
+from ifsearch.search.space import load_search_space  # noqa: E402
 
 
 def _run(variant: str, seed: int, ap50: list[float], seconds: float = 2.0, **final) -> sr.Run:
@@ -184,8 +184,8 @@ def test_effective_space_carries_the_budget_and_the_rung_metric(tmp_path):
     """The written space holds the mode's budget and scheduler, and the launcher reads them."""
     from argparse import Namespace
 
-    from ifsearch.launch import parse_rung_metric
-    from ifsearch.searcher import build_scheduler
+    from ifsearch.search.cli import parse_rung_metric
+    from ifsearch.search.searcher import build_scheduler
 
     text = study.SPACES["influencer"].read_text()
     full = study.effective_space(text, study.BUDGETS["full"])

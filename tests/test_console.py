@@ -8,7 +8,7 @@ import sys
 import textwrap
 from types import SimpleNamespace
 
-from ifsearch.console import Console, ProgressTable
+from ifsearch.search.console import Console, ProgressTable
 
 
 def _trial(status, epoch=None, value=None, config=None, **extra):
@@ -21,7 +21,7 @@ def test_console_sends_library_output_to_the_log_and_says_lines_on_the_terminal(
     # A child process: its stdout is a pipe we read, as a terminal would show it.
     script = textwrap.dedent(f"""
         import os, sys
-        from ifsearch.console import Console
+        from ifsearch.search.console import Console
         with Console({str(tmp_path / "launch.log")!r}) as console:
             print("(RayTrainWorker pid=1) epoch 1")          # Python's sys.stdout
             sys.stderr.write("Result for train_driver_fn: {{...}}\\n")

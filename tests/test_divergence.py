@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 
 from ifsearch.config import config_from_dict
 from ifsearch.errors import DivergenceError
-from ifsearch.search_space import load_search_space
-from ifsearch.tracking import ERROR_TAG, MlflowTrialLogger
+from ifsearch.search.space import load_search_space
+from ifsearch.tracking.runs import ERROR_TAG, MlflowTrialLogger
 from trainables.worker import divergence_result
 
 TINY = {

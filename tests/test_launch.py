@@ -19,9 +19,9 @@ from mlflow.tracking import MlflowClient
 
 from ifsearch.config import load_config
 from ifsearch.errors import ConfigError
-from ifsearch.launch import build_parser, parse_worker_resources, resume_command
-from ifsearch.launch import main as launch_main
-from ifsearch.tracking import (
+from ifsearch.search.cli import build_parser, parse_worker_resources, resume_command
+from ifsearch.search.cli import main as launch_main
+from ifsearch.tracking.runs import (
     ERROR_TAG,
     INTERRUPTED_TAG,
     ROLE_TAG,
@@ -31,7 +31,7 @@ from ifsearch.tracking import (
     WORKER_HOST_TAG,
     WORKER_NODE_TAG,
 )
-from ifsearch.tracking_server import start_local_server, stop_local_server
+from ifsearch.tracking.server import start_local_server, stop_local_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -460,8 +460,8 @@ def test_help_explains_every_option():
 @pytest.mark.parametrize("searcher", ["tpe", "random", "cmaes", "nsga2"])
 @pytest.mark.parametrize("scheduler", ["asha", "hyperband", "median", "fifo"])
 def test_every_searcher_and_scheduler_builds(tmp_path, searcher, scheduler):
-    from ifsearch.launch import plan_sweep
-    from ifsearch.sweep import build_scheduler, build_searcher
+    from ifsearch.search.cli import plan_sweep
+    from ifsearch.search.sweep import build_scheduler, build_searcher
 
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(TINY_SPACE))
@@ -566,7 +566,7 @@ def test_killed_process_resumes_the_trial_from_its_checkpoint(tmp_path, mlflow_s
     """SIGKILL a Train worker (Train restarts the worker group) or the trial's own process
     (Tune restarts the trial): the trial resumes from its last checkpoint, its epochs continue
     in the same MLflow run, and the sweep finishes."""
-    from ifsearch.tracking_server import process_tree
+    from ifsearch.tracking.server import process_tree
 
     epochs = 8
     proc = launch(tmp_path, mlflow_server, "--name", "faulty", "--num-samples", "1",
@@ -666,7 +666,7 @@ def test_mlflow_server_and_ray_dashboard_listen_on_loopback_only(mlflow_server):
 
     import ray
 
-    from ifsearch.sweep import start_ray
+    from ifsearch.search.sweep import start_ray
 
     assert _listening_hosts(urlparse(mlflow_server).port) == {"127.0.0.1"}
     args = argparse.Namespace(address=None, workers_per_trial=1, cpus_per_worker=1.0,

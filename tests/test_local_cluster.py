@@ -1,16 +1,19 @@
 """A real two-node Ray cluster on 127.0.0.1 with token auth, MLflow on PostgreSQL, `ray job submit`.
 
-The pieces of the runbook's local rehearsal (`python -m ifsearch.local_cluster`): the first two
+The pieces of the runbook's local rehearsal (`python deploy/rehearsal.py`): the first two
 tests run its two steps; everything the module starts, it stops.
 """
 
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from ifsearch.local_cluster import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
+
+from rehearsal import (  # noqa: E402  (deploy/rehearsal.py: a script, not a package)
     TRAINER_RESOURCE,
     marked_pids,
     mlflow_on_postgres,
@@ -20,7 +23,8 @@ from ifsearch.local_cluster import (
     rehearse,
     rehearse_head_loss,
 )
-from ifsearch.tracking import SWEEP_TAG, WORKER_HOST_TAG
+
+from ifsearch.tracking.runs import SWEEP_TAG, WORKER_HOST_TAG  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

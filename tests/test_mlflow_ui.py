@@ -18,14 +18,14 @@ from ray import tune
 from ray.tune.experiment import Trial
 from test_launch import launch, sweep_runs
 
-from ifsearch.tracking import (
+from ifsearch.tracking.runs import (
     EXPERIMENT_KIND_TAG,
     SHARED_VIEW_TAG,
     TRIAL_TAG,
     MlflowTrialLogger,
     get_or_create_experiment,
 )
-from ifsearch.tracking_server import start_local_server, stop_local_server
+from ifsearch.tracking.server import start_local_server, stop_local_server
 
 SWEEP, TRIALS, METRIC = "ui", 3, "val_loss"  # TINY_SPACE's objective: val_loss, min
 

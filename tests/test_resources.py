@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from ifsearch.errors import ConfigError
-from ifsearch.resources import check_local_trial, local_concurrency, local_ray_cpus
+from ifsearch.search.resources import check_local_trial, local_concurrency, local_ray_cpus
 
 
 # (workers, cpus/worker, gpus/worker, cores, gpus) -> trials at once, computed by hand.

@@ -11,7 +11,7 @@ from ray.tune.search.sample import Categorical, Domain, Float, Integer
 
 from ifsearch.config import Config
 from ifsearch.errors import ConfigError
-from ifsearch.search_space import KNOWN_METRICS, load_search_space
+from ifsearch.search.space import KNOWN_METRICS, load_search_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

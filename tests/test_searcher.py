@@ -19,14 +19,14 @@ from ray.tune.schedulers import TrialScheduler
 from test_launch import TINY_SPACE, launch, mlflow_server, mlflow_store, sweep_runs  # noqa: F401
 
 from ifsearch.errors import ConfigError, IfsearchError
-from ifsearch.launch import build_parser, plan_sweep
-from ifsearch.searcher import (
+from ifsearch.search.cli import build_parser, plan_sweep
+from ifsearch.search.searcher import (
     TUNE_TRIAL_ATTR,
     OptunaSearcher,
     SweepGenerator,
     build_scheduler,
 )
-from ifsearch.search_space import load_search_space
+from ifsearch.search.space import load_search_space
 
 COMPLETE, PRUNED, FAIL = TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL
 
@@ -439,7 +439,7 @@ def test_asha_stops_trials_whose_objective_is_tied_at_zero(tmp_path, mlflow_serv
 def test_searcher_impl_ray_builds_rays_optuna_search_with_the_same_sampler(tmp_path):
     from ray.tune.search.optuna import OptunaSearch
 
-    from ifsearch.searcher import build_search_alg
+    from ifsearch.search.searcher import build_search_alg
 
     space = {**ZERO_OBJECTIVE_SPACE, "searcher": {"name": "tpe", "seed": 3}}
     ours = build_search_alg(plan_for(tmp_path, space, "--name", "a"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ifsearch.launch import build_parser, plan_sweep
+from ifsearch.search.cli import build_parser, plan_sweep
 from trainables import startup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def _plan(tmp_path, scheduler, max_epochs, grace, reduction):
                          [(8, 2, 2), (8, 1, 2), (10, 1, 3), (27, 1, 3), (10, 1, 2.5), (4, 4, 2)])
 def test_asha_rung_epochs_are_where_rays_asha_judges_trials(tmp_path, max_epochs, grace,
                                                            reduction):
-    from ifsearch.sweep import build_scheduler, rung_epochs
+    from ifsearch.search.sweep import build_scheduler, rung_epochs
 
     plan = _plan(tmp_path, "asha", max_epochs, grace, reduction)
     # Ray's own bracket: it judges a trial at its first reported epoch >= each milestone.
@@ -69,7 +69,7 @@ def test_asha_rung_epochs_are_where_rays_asha_judges_trials(tmp_path, max_epochs
 
 
 def test_hyperband_checkpoints_every_epoch_and_fifo_none(tmp_path):
-    from ifsearch.sweep import rung_epochs
+    from ifsearch.search.sweep import rung_epochs
 
     assert rung_epochs(_plan(tmp_path, "hyperband", 5, 1, 2)) == (1, 2, 3, 4, 5)
     assert rung_epochs(_plan(tmp_path, "fifo", 5, 1, None)) == ()
@@ -103,7 +103,7 @@ def test_every_trial_logs_every_startup_phase(tmp_path):
     its first result, and MLflow's own clocks (run start, first metric) fall inside that chain."""
     from mlflow.tracking import MlflowClient
 
-    from ifsearch.tracking import ROLE_TAG, tag_filter
+    from ifsearch.tracking.runs import ROLE_TAG, tag_filter
 
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(TINY_SPACE))

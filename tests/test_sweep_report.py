@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from ray.tune.schedulers.async_hyperband import _Bracket
 
-from ifsearch.sweep_report import (
+from ifsearch.search.report import (
     asha_rungs,
     histories_from_results,
     rung_agreement,
@@ -148,7 +148,7 @@ def test_sweep_rung_trust_reads_the_plan():
 
 
 def test_slot_efficiency_is_epoch_time_over_slot_time_of_this_session():
-    from ifsearch.sweep_report import slot_efficiency
+    from ifsearch.search.report import slot_efficiency
 
     frames = [
         # 3 epochs of 10 s; the first was reported before this session (a resumed sweep)

@@ -1,6 +1,6 @@
 """Trial-run bookkeeping that needs no MLflow server."""
 
-from ifsearch.tracking import error_reason
+from ifsearch.tracking.runs import error_reason
 
 RAY_ERROR = """Failure # 1 (occurred at 2026-11-21_02-30-00)
 ray::_Inner.train() (pid=1, ip=127.0.0.1)
@@ -33,7 +33,7 @@ def test_epochs_a_restart_skipped_are_logged_once_and_in_order(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from ifsearch.tracking import RunWriter, _epochs_before_restart
+    from ifsearch.tracking.runs import RunWriter, _epochs_before_restart
 
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
@@ -66,7 +66,7 @@ def test_a_replayed_last_epoch_is_logged_once(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from ifsearch.tracking import REPLAYED, RunWriter, _epochs_before_restart
+    from ifsearch.tracking.runs import REPLAYED, RunWriter, _epochs_before_restart
     from trainables.worker import replayed_result
 
     checkpoint = tmp_path / "checkpoint"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ifsearch.errors import IfsearchError
-from ifsearch.tracking_server import (
+from ifsearch.tracking.server import (
     TrackingServerError,
     _health_ok,
     _pid_alive,

@@ -18,7 +18,7 @@ from ray.train.v2._internal.constants import (
 from ray.train.v2._internal.execution.controller import TrainController
 
 from ifsearch.config import Config, config_to_dict
-from ifsearch.search_space import SearchSpace
+from ifsearch.search.space import SearchSpace
 from trainables import ray_report, startup
 from trainables.backend import TrialTorchConfig
 from trainables.worker import train_fn_per_worker
@@ -38,13 +38,13 @@ class TrialSettings:
         storage_path: where Train keeps checkpoints; shared storage on clusters.
         max_failures: worker-group restarts from the last checkpoint before the trial fails.
         mlflow: ``{"tracking_uri", "experiment", "sweep"}``: the rank-0 worker logs system
-            metrics into the trial's MLflow run (``ifsearch.tracking.system_metrics``); None
+            metrics into the trial's MLflow run (``ifsearch.tracking.runs.system_metrics``); None
             logs none.
         required_metrics: result keys Tune requires in every result (the searcher's and the
             scheduler's metrics); a diverged trial's final result sets them to NaN.
         checkpoint_epochs: epochs that always save a checkpoint, besides every
             ``train.checkpoint_every``-th and the last: where the scheduler stops or pauses
-            trials (``ifsearch.sweep.rung_epochs``).
+            trials (``ifsearch.search.sweep.rung_epochs``).
     """
 
     space: SearchSpace

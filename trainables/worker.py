@@ -83,7 +83,8 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
         # Rank 0's node is where the trial trains: its CPU/GPU/memory go into the trial's run.
         monitor = nullcontext()
         if rank == 0 and train_loop_config.get("mlflow"):
-            from ifsearch.tracking import system_metrics  # MLflow costs ~0.9 s CPU: rank 0 only
+            # MLflow costs ~0.9 s CPU: imported by rank 0 only
+            from ifsearch.tracking.runs import system_metrics
 
             monitor = system_metrics(train_loop_config["mlflow"], train_loop_config["trial_id"])
         with monitor:
@@ -106,7 +107,7 @@ def replayed_result(final: dict) -> dict:
     last epoch is reported once more so that Tune, the searcher (which told Optuna only the
     epochs it received) and MLflow get the trial's final result. ``start_epoch`` = that epoch
     marks it as the first result of a resumed process, so the MLflow logger logs the earlier
-    epochs it lacks from the checkpoint; ``replayed`` (ifsearch.tracking.REPLAYED) tells it to
+    epochs it lacks from the checkpoint; ``replayed`` (ifsearch.tracking.runs.REPLAYED) tells it to
     skip the epoch itself if it was logged already, as the searcher skips epochs it has seen.
     """
     return {**final, "start_epoch": final["epoch"], "replayed": True}
@@ -117,6 +118,6 @@ def divergence_result(exc: DivergenceError, required_metrics) -> dict:
     return {
         **{name: math.nan for name in required_metrics},
         "epoch": max((exc.epoch or 1) - 1, 0),  # the last completed epoch
-        "diverged": True,  # ifsearch.tracking.DIVERGED; the searcher tells Optuna FAIL
+        "diverged": True,  # ifsearch.tracking.runs.DIVERGED; the searcher tells Optuna FAIL
         "error": f"DivergenceError: {exc}",
     }

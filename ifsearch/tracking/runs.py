@@ -35,7 +35,7 @@ from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS
 
 from ifsearch.config import config_to_dict
 from ifsearch.errors import IfsearchError
-from ifsearch.search_space import SearchSpace
+from ifsearch.search.space import SearchSpace
 
 SWEEP_TAG = "ifsearch.sweep"
 ROLE_TAG = "ifsearch.role"

@@ -47,13 +47,13 @@ from ray.tune.schedulers import (
     HyperBandScheduler,
     MedianStoppingRule,
 )
-from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 
 from ifsearch.errors import IfsearchError
-from ifsearch.tracking_server import redact_uri
+from ifsearch.tracking.server import redact_uri
 
 if TYPE_CHECKING:
-    from ifsearch.launch import SweepPlan
+    from ifsearch.search.cli import SweepPlan
 
 STUDY_FILE = "optuna.db"  # the default study database, in the sweep's local directory
 TUNE_TRIAL_ATTR = "tune_trial_id"  # Optuna user attr: the Tune trial (and MLflow run tag) behind it

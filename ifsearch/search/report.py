@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from ifsearch.search_space import ParamSpec  # noqa: E402
+from ifsearch.search.space import ParamSpec  # noqa: E402
 
 
 def write_trials_csv(results, path: Path) -> Path:

@@ -2,7 +2,7 @@
 
 Kept free of Ray so the launcher can refuse an impossible request before anything starts (no
 MLflow server, no Ray), and so the numbers can be tested by hand. On a Ray cluster the same
-questions are answered from the live nodes (``ifsearch.sweep.start_ray``).
+questions are answered from the live nodes (``ifsearch.search.sweep.start_ray``).
 
 Locally, Ray is started with more logical CPUs than the machine has (one per trial for its idle
 driver process), so Ray itself would happily place a worker bigger than the machine: the check

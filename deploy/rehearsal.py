@@ -1,6 +1,6 @@
 """The cluster runbook rehearsed on one machine: a multi-node Ray cluster, PostgreSQL-backed MLflow.
 
-``python -m ifsearch.local_cluster`` (also ``make rehearsal``) runs the steps of
+``python deploy/rehearsal.py`` (also ``make rehearsal``) runs the steps of
 ``deploy/README.md`` without a cloud and checks what they promise:
 
 1. PostgreSQL on 127.0.0.1 (Debian's packages; a fresh data dir, password auth),
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ifsearch.errors import IfsearchError
-from ifsearch.tracking_server import (
+from ifsearch.tracking.server import (
     free_port,
     live_processes,
     start_local_server,
@@ -369,7 +369,7 @@ def trial_runs(mlflow_uri: str, experiment: str, sweep: str) -> list:
     """The sweep's trial runs in MLflow (empty before the first one exists)."""
     from mlflow.tracking import MlflowClient
 
-    from ifsearch.tracking import ROLE_TAG, SWEEP_TAG, tag_filter
+    from ifsearch.tracking.runs import ROLE_TAG, SWEEP_TAG, tag_filter
 
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name(experiment)
@@ -381,7 +381,7 @@ def trial_runs(mlflow_uri: str, experiment: str, sweep: str) -> list:
 
 def sweep_rows(db: Postgres, sweep: str) -> int:
     """Rows of MLflow's ``runs`` table in PostgreSQL that belong to ``sweep`` (parent + trials)."""
-    from ifsearch.tracking import SWEEP_TAG
+    from ifsearch.tracking.runs import SWEEP_TAG
 
     return int(db.psql("select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
                        f"where t.key = '{SWEEP_TAG}' and t.value = '{sweep}'"))
@@ -402,7 +402,7 @@ class Rehearsal:
 def rehearse(cluster: RayCluster, db: Postgres, mlflow_uri: str, storage: Path, name: str,
              experiment: str = "rehearsal") -> Rehearsal:
     """Submit the sweep with ``ray job submit --working-dir`` and check where it went."""
-    from ifsearch.tracking import WORKER_NODE_TAG
+    from ifsearch.tracking.runs import WORKER_NODE_TAG
 
     nodes = cluster.nodes()
     head = next(n["node_id"] for n in nodes if n["is_head_node"])
@@ -468,7 +468,7 @@ def rehearse_head_loss(db: Postgres, mlflow_uri: str, storage: Path, name: str,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ifsearch.local_cluster",
+        prog="python deploy/rehearsal.py",
         description="Rehearse deploy/README.md on this machine: PostgreSQL-backed MLflow, a Ray "
                     "head + worker node with token auth, a sweep by `ray job submit`; checks "
                     "where trials ran and that MLflow stored them in PostgreSQL.")

@@ -13,38 +13,38 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from ifsearch.console import LOG_NAME, Console, ProgressTable, say
 from ifsearch.errors import IfsearchError
-from ifsearch.export import write_best_config
-from ifsearch.launch import (
+from ifsearch.search.cli import (
     PROGRESS_METRICS,
     SweepPlan,
     local_tracking_uri,
     resume_command,
     sweep_location,
 )
-from ifsearch.resources import (
-    DRIVER_CPUS,
-    check_local_trial,
-    local_concurrency,
-    local_machine,
-    local_ray_cpus,
-)
-from ifsearch.searcher import (  # noqa: F401  (build_searcher: re-exported for callers)
-    build_scheduler,
-    build_search_alg,
-    build_searcher,
-    default_storage,
-    restored_search,
-)
-from ifsearch.sweep_report import (
+from ifsearch.search.console import LOG_NAME, Console, ProgressTable, say
+from ifsearch.search.export import write_best_config
+from ifsearch.search.report import (
     asha_milestones,
     slot_efficiency,
     sweep_rung_trust,
     write_plots,
     write_trials_csv,
 )
-from ifsearch.tracking import (
+from ifsearch.search.resources import (
+    DRIVER_CPUS,
+    check_local_trial,
+    local_concurrency,
+    local_machine,
+    local_ray_cpus,
+)
+from ifsearch.search.searcher import (  # noqa: F401  (build_searcher: re-exported for callers)
+    build_scheduler,
+    build_search_alg,
+    build_searcher,
+    default_storage,
+    restored_search,
+)
+from ifsearch.tracking.runs import (
     DIVERGED,
     INTERRUPTED_TAG,
     UNREACHABLE,
@@ -57,7 +57,7 @@ from ifsearch.tracking import (
     mark_interrupted,
     sweep_view_link,
 )
-from ifsearch.tracking_server import free_port, redact_uri
+from ifsearch.tracking.server import free_port, redact_uri
 from trainables import TrialSettings, train_driver_fn
 from trainables.ray_report import StartupPhases
 
