@@ -17,8 +17,7 @@ from typing import Any
 
 import yaml
 
-from ifsearch.data.s3dis import S3DIS_CLASSES
-from ifsearch.data.synthetic import MAX_INSTANCES, SHAPE_CLASSES
+from ifsearch.catalog import MAX_INSTANCES, S3DIS_CLASSES, SHAPE_CLASSES
 from ifsearch.errors import ConfigError
 
 LOSS_NAMES = ("influencer", "hungarian")

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ifsearch.catalog import S3DIS_CLASSES
 from ifsearch.errors import ConfigError, DataError
 
 __all__ = [
@@ -65,23 +66,6 @@ __all__ = [
     "s3dis_cache_path",
     "s3dis_split",
 ]
-
-S3DIS_CLASSES: tuple[str, ...] = (
-    "ceiling",
-    "floor",
-    "wall",
-    "beam",
-    "column",
-    "window",
-    "door",
-    "table",
-    "chair",
-    "sofa",
-    "bookcase",
-    "board",
-    "clutter",
-)
-"""The 13 standard S3DIS classes, in the usual order (their indices are the ``semantic`` values)."""
 
 CACHE_VERSION: int = 1
 """Layout version of the HDF5 cache; bump it whenever the layout or the conversion changes, so

@@ -26,11 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ifsearch.catalog import MAX_INSTANCES, SHAPE_CLASSES
 from ifsearch.errors import ConfigError
-
-SHAPE_CLASSES: tuple[str, ...] = ("box", "sphere", "cylinder", "plane")
-"""Every shape class the generator knows; ``plane`` is a thin rectangular patch (a tabletop raised
-above the floor, or a standing panel)."""
 
 SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1}
 """Second element of the RNG seed; distinct codes make train and val scenes disjoint."""
@@ -41,8 +38,6 @@ MIN_POINTS_PER_INSTANCE = 16
 MIN_NUM_POINTS = 64
 """Smallest ``num_points`` accepted; below it a room is not recognisable at all."""
 
-MAX_INSTANCES = 16
-"""Largest ``max_instances`` accepted; more objects do not fit in the room with gaps."""
 
 # Room geometry (metres): x, y in [-ROOM_HALF, ROOM_HALF], floor at z = 0, walls up to ROOM_HEIGHT.
 ROOM_HALF = 2.0

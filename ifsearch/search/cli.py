@@ -13,11 +13,17 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from ifsearch.config import config_from_dict, load_config
 from ifsearch.errors import ConfigError, IfsearchError
+from ifsearch.search.plan import (
+    RUNS_DIR,
+    SEARCHER_IMPLS,
+    SweepPlan,
+    given_tracking_uri,
+    sweep_location,
+)
 from ifsearch.search.resources import check_local_trial, local_machine
 from ifsearch.search.space import (
     MODES,
@@ -28,19 +34,10 @@ from ifsearch.search.space import (
     load_search_space,
     metric_problem,
 )
-from ifsearch.tracking.server import (
-    check_tracking_uri,
-    redact_uri,
-    running_server,
-    start_local_server,
-)
+from ifsearch.tracking.server import redact_uri
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "quickstart.yaml"
-RUNS_DIR = Path("runs")
 STORAGE_ENV = "IFSEARCH_STORAGE"  # default --storage, e.g. set once on every cluster node
-# ifsearch's OptunaSearcher, or Ray's stock OptunaSearch (benchmarks/search_efficiency.py)
-SEARCHER_IMPLS = ("ifsearch", "ray")
-PROGRESS_METRICS = ("epoch", "AP50", "AP", "AP25", "val_loss", "duplicate_rate", "epoch_seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,29 +153,6 @@ def resume_command(args: argparse.Namespace, name: str) -> str:
     return " ".join(shlex.quote(word) for word in words)
 
 
-@dataclass
-class SweepPlan:
-    """Everything the sweep needs, decided and validated before Ray starts."""
-
-    space: SearchSpace
-    name: str
-    storage: str
-    num_samples: int
-    max_epochs: int
-    grace_period: int
-    scheduler: str
-    searcher: str
-    seed: int
-    metric: str
-    mode: str
-    warm_start: dict | None
-    worker_resources: dict[str, float]
-    rung_metric: str  # what the scheduler's rungs compare (default: the objective)
-    rung_mode: str
-    optuna_storage: str | None  # the study's database URL; None = sqlite in the sweep dir
-    # "ifsearch" (OptunaSearcher, the truth told) or "ray" (Ray's OptunaSearch, for the
-    # efficiency benchmark's comparison only)
-    searcher_impl: str = "ifsearch"
 
 
 def plan_sweep(args: argparse.Namespace) -> SweepPlan:
@@ -224,6 +198,7 @@ def plan_sweep(args: argparse.Namespace) -> SweepPlan:
         metric=space.objective["metric"], mode=space.objective["mode"], warm_start=warm,
         worker_resources=worker_resources, rung_metric=rung_metric, rung_mode=rung_mode,
         optuna_storage=args.optuna_storage, searcher_impl=args.searcher_impl,
+        resume_command=resume_command(args, name),
     )
 
 
@@ -256,15 +231,6 @@ def parse_rung_metric(text: str | None, space: SearchSpace, scheduler: str) -> t
     return metric, mode
 
 
-def sweep_location(storage: str, name: str) -> tuple[str, Path]:
-    """(the sweep's Tune folder, as a path or URI; the local folder of its exported files).
-
-    Storage may be a URI (s3://...): it is joined as text, and the exported files (best config,
-    report, Optuna's default sqlite study, the log) then go to runs/sweeps/<name> locally.
-    """
-    sweep_uri = f"{storage.rstrip('/')}/{name}"
-    local_dir = Path(sweep_uri) if "://" not in sweep_uri else RUNS_DIR / "sweeps" / name
-    return sweep_uri, local_dir
 
 
 def _check_sweep_state(storage: str, name: str, resume: bool, optuna_storage: str | None) -> None:
@@ -356,35 +322,6 @@ def _newest_sweep(storage: str, space_path: Path) -> str:
     return candidates[-1].name
 
 
-def resolve_tracking_uri(cli_uri: str | None, start_local: bool = True) -> str:
-    """--mlflow-uri, else $MLFLOW_TRACKING_URI (both checked), else the local server."""
-    return given_tracking_uri(cli_uri) or local_tracking_uri(start=start_local)
-
-
-def given_tracking_uri(cli_uri: str | None) -> str | None:
-    """--mlflow-uri, else $MLFLOW_TRACKING_URI, checked (reachable); None when neither is set."""
-    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        check_tracking_uri(uri)
-    return uri or None
-
-
-def local_tracking_uri(start: bool = True, say=print) -> str:
-    """The local MLflow server under runs/mlflow: reused when running, else started (``start``).
-
-    Starting it is a side effect a refused sweep must not leave behind: the launcher calls this
-    only once every check has passed (and Ray is up).
-    """
-    root = RUNS_DIR / "mlflow"
-    server = running_server(root)
-    if server is None:
-        if not start:
-            raise IfsearchError(f"no --mlflow-uri, no $MLFLOW_TRACKING_URI and no local server "
-                                f"under {root}; start one with `python -m "
-                                f"ifsearch.tracking_server start`")
-        say(f"starting a local MLflow server under {root} ...")
-        server = start_local_server(root)
-    return server.url
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from ifsearch.config import Config, load_config, save_config
 from ifsearch.errors import IfsearchError
+from ifsearch.search.plan import resolve_tracking_uri
 from ifsearch.search.space import KNOWN_METRICS
 from ifsearch.tracking.runs import ROLE_TAG, SWEEP_TAG, TRIAL_TAG, tag_filter
 
@@ -95,8 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="best_config.yaml", help="where to write the config")
     args = parser.parse_args(argv)
     try:
-        from ifsearch.search.cli import resolve_tracking_uri
-
         uri = resolve_tracking_uri(args.mlflow_uri, start_local=False)
         export_from_mlflow(args.experiment, uri, args.output, args.metric, args.mode, args.top,
                            args.sweep)

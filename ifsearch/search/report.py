@@ -274,8 +274,9 @@ def sweep_rung_trust(results, plan, **options) -> dict | None:
     """``rung_trust`` of a finished sweep, from its Tune results and its plan; None without ASHA.
 
     The rung metric is the scheduler's own (``plan.rung_metric``: ``--rung-metric``, else the
-    space's ``scheduler.metric``, else the objective); rungs, reduction factor and final epoch come from the
-    plan. For the end-of-sweep summary: print ``summary`` when ``trustworthy`` is False.
+    space's ``scheduler.metric``, else the objective); rungs, reduction factor and final epoch
+    come from the plan. For the end-of-sweep summary: print ``summary`` when ``trustworthy`` is
+    False.
 
     Args:
         results: Tune's ``ResultGrid`` (or any iterable of results with ``metrics`` and

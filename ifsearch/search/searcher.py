@@ -53,7 +53,7 @@ from ifsearch.errors import IfsearchError
 from ifsearch.tracking.server import redact_uri
 
 if TYPE_CHECKING:
-    from ifsearch.search.cli import SweepPlan
+    from ifsearch.search.plan import SweepPlan
 
 STUDY_FILE = "optuna.db"  # the default study database, in the sweep's local directory
 TUNE_TRIAL_ATTR = "tune_trial_id"  # Optuna user attr: the Tune trial (and MLflow run tag) behind it

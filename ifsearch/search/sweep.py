@@ -14,15 +14,14 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from ifsearch.errors import IfsearchError
-from ifsearch.search.cli import (
+from ifsearch.search.console import LOG_NAME, Console, ProgressTable, say
+from ifsearch.search.export import write_best_config
+from ifsearch.search.plan import (
     PROGRESS_METRICS,
     SweepPlan,
     local_tracking_uri,
-    resume_command,
     sweep_location,
 )
-from ifsearch.search.console import LOG_NAME, Console, ProgressTable, say
-from ifsearch.search.export import write_best_config
 from ifsearch.search.report import (
     asha_milestones,
     slot_efficiency,
@@ -316,7 +315,7 @@ def _run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str | No
         except UNREACHABLE as exc:
             runs = f"MLflow is unreachable ({type(exc).__name__}), runs were not marked"
         say(f"\nsweep {plan.name} interrupted: its state is saved in {sweep_uri} and {runs}. "
-              f"Continue it with:\n  {resume_command(args, plan.name)}")
+              f"Continue it with:\n  {plan.resume_command}")
         return 130
     efficiency = slot_efficiency(results, started, time.time(), concurrent)
     return _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri, local_dir,

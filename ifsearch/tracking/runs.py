@@ -18,10 +18,10 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import mlflow
 import requests
@@ -33,9 +33,19 @@ from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS
 
-from ifsearch.config import config_to_dict
+from ifsearch.config import Config, config_to_dict
 from ifsearch.errors import IfsearchError
-from ifsearch.search.space import SearchSpace
+
+
+class TrialSpace(Protocol):
+    """What the trial logger needs of a search space (``ifsearch.search.space.SearchSpace`` is
+    one). A protocol, so tracking does not import the search layer that uses it."""
+
+    params: Mapping[str, Any]  # searched keys
+
+    def resolve(self, sampled: dict[str, Any]) -> Config:
+        """A trial's sampled values -> its full config."""
+
 
 SWEEP_TAG = "ifsearch.sweep"
 ROLE_TAG = "ifsearch.role"
@@ -190,7 +200,8 @@ def sweep_view_link(client: MlflowClient, tracking_uri: str, experiment: str, sw
     page = f"#/experiments/{experiment_id}/runs?{query}"
     if urllib.parse.urlsplit(tracking_uri).scheme in ("http", "https"):
         return f"{tracking_uri.rstrip('/')}/{page}"
-    return f"http://127.0.0.1:5000/{page} (once `mlflow ui --backend-store-uri {tracking_uri}` runs)"
+    return (f"http://127.0.0.1:5000/{page} "
+            f"(once `mlflow ui --backend-store-uri {tracking_uri}` runs)")
 
 
 @contextmanager
@@ -382,7 +393,7 @@ class MlflowTrialLogger(tune.Callback):
     """
 
     def __init__(self, tracking_uri: str, experiment: str, sweep: str,
-                 space: SearchSpace, max_epochs: int, spool_path: Path | None = None,
+                 space: TrialSpace, max_epochs: int, spool_path: Path | None = None,
                  retry_seconds: float = 30.0) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
