@@ -42,7 +42,7 @@ postgres:
 	  $(SUDO) apt-get update -q && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
 
-# Debian's Chromium: tests/test_mlflow_ui.py opens the MLflow UI in it, headless.
+# Debian's Chromium: tests/search/test_mlflow_ui.py opens the MLflow UI in it, headless.
 chromium:
 	@[ -x /usr/bin/chromium ] || command -v chromium >/dev/null || { \
 	  echo "installing Chromium from Debian's packages"; \

@@ -22,6 +22,10 @@ each searcher told Optuna (the sweep's ``optuna.db``).
 Goal (issue 13): ifsearch's TPE + ASHA reaches random + FIFO's final best in <= 50 % of the
 wall-clock random + FIFO needs. The section says whether it was met, generated from the numbers.
 
+Why one script of ~880 lines: like every benchmark here it is one standalone command that writes
+one section of docs/benchmarks.md (run, read back, judge, write); its parts are used nowhere
+else, and the shared pieces live in ``launcher.py`` and ``report.py``.
+
     python benchmarks/search_efficiency.py                # 5 seeds x 3 arms x 6 min: ~1.6 h
     python benchmarks/search_efficiency.py --quick        # 2 seeds x 3 arms x 2 min: ~14 min
     python benchmarks/search_efficiency.py --smoke-test   # 1 seed x 3 arms x 60 s, tiny scenes

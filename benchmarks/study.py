@@ -26,6 +26,10 @@ an interrupted sweep (``ifsearch.launch --resume --name``) and an interrupted re
 ``checkpoint.pt``). ``study.lock`` keeps two copies from running in one work folder; Ctrl-C or
 ``kill PID`` stops it cleanly (the running sweep saves its state). ``study.json`` records the
 budget a work folder was started with; a rerun with another budget is refused.
+
+Why one script of ~1300 lines: the four stages share the work folder, the budget and the resume
+rules, and each stage is a few hundred lines of orchestration that nothing else uses; the
+section's statistics and tables are in ``study_report.py``.
 """
 
 from __future__ import annotations
@@ -149,7 +153,7 @@ BUDGETS = {
 # ---------------------------------------------------------------------------- the GPU recipe
 
 # The study at full size on a GPU cluster, as (flag, value on the cluster, value in the smoke
-# test). The section shows the cluster column; tests/test_benchmark_study.py runs the smoke
+# test). The section shows the cluster column; tests/benchmarks/test_study.py runs the smoke
 # column (recipe_args(local=True)), so every flag of the documented command exists and works.
 # A value of None drops the flag (only --address: the test has no cluster to join).
 RECIPE = (
@@ -1102,7 +1106,7 @@ python benchmarks/study.py \\
   {recipe}
 ```
 
-Checked: `tests/test_benchmark_study.py` runs this command line end to end at smoke size on a
+Checked: `tests/benchmarks/test_study.py` runs this command line end to end at smoke size on a
 2-core CPU machine with `--smoke-test` added and these values replaced (`{{tmp}}` is the test's
 temporary folder):
 {"; ".join(local)}. On a GPU: {gpu}.

@@ -19,8 +19,12 @@
 
 Only processes started here are stopped (those carrying the cluster's :data:`MARKER_ENV` in
 their environment and the process groups of its ``ray start`` calls); ``ray stop``, which
-stops every Ray on the machine, is never used. ``tests/test_local_cluster.py`` drives the same
+stops every Ray on the machine, is never used. ``tests/deploy/test_rehearsal.py`` drives the same
 pieces.
+
+Why one script of ~530 lines: it is the runbook, step by step, with the services it starts and
+stops (PostgreSQL, MLflow, Ray nodes) beside the steps that use them; it sits in ``deploy/``
+next to the runbook it rehearses, outside the library.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A diverging trial fails once: ranks agree, the worker's last result says why, MLflow says FAILED.
 
 The sweep-level proof (Tune's records, Ray's worker processes, MLflow) is
-``tests/test_launch.py::test_diverging_trial_fails_once_without_retries``.
+``tests/search/test_cli.py::test_diverging_trial_fails_once_without_retries``.
 """
 
 import math

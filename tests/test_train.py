@@ -140,6 +140,7 @@ def test_cli_reports_bad_override_without_traceback(tmp_path):
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.slow  # trains a tiny model for several epochs
 def test_divergence_stops_the_run_with_the_reason(tmp_path):
     config = tiny_config(tmp_path, train={"lr": 1e30, "epochs": 2, "warmup_epochs": 0.0})
     reason = (r"training diverged: the loss is not finite at epoch 1, step \d+ "
@@ -149,6 +150,7 @@ def test_divergence_stops_the_run_with_the_reason(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no garbage epoch was recorded
 
 
+@pytest.mark.slow  # trains a tiny model for several epochs
 def test_fresh_run_replaces_the_metrics_of_an_earlier_one(tmp_path):
     config = tiny_config(tmp_path, train={"epochs": 1, "resume": False},
                          data={"train_scenes": 4, "val_scenes": 2})
@@ -163,6 +165,7 @@ def _epoch_on_disk(run_dir):
     return torch.load(path, weights_only=False)["epoch"] if path.exists() else None
 
 
+@pytest.mark.slow  # trains a tiny model for several epochs
 def test_checkpoints_every_n_epochs_at_the_given_epochs_and_the_last(tmp_path):
     """checkpoint_every=3 over 7 epochs, rung at 2: saved after epochs 2, 3, 6 and 7 only. The
     file on disk (not the loop's own bookkeeping) says which epoch it holds after each one."""
@@ -175,6 +178,7 @@ def test_checkpoints_every_n_epochs_at_the_given_epochs_and_the_last(tmp_path):
     assert [on_disk for _, _, on_disk in seen] == [None, 2, 3, 3, 3, 6, 7]
 
 
+@pytest.mark.slow  # trains a tiny model for several epochs
 def test_resume_from_a_sparse_checkpoint_redoes_the_epochs_after_it(tmp_path):
     """A run dies after epoch 3 with its last checkpoint at epoch 2: the resumed run starts at
     epoch 3, and the metrics file lists every epoch once."""

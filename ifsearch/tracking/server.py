@@ -22,6 +22,10 @@ workers by default. A local server for a hyperparameter search needs neither, so
 :data:`SMALL_SERVER_ENV`), which keeps the whole process tree to a few hundred MB.
 
 Only the standard library is used for HTTP so the checks work without extra dependencies.
+
+Why one module of ~570 lines: one job, the life of a tracking server (start or reuse, stop,
+status, the checks of a given URI with their error messages, and the command line around them);
+the pieces share the ``server.json`` record and the process handling.
 """
 
 from __future__ import annotations

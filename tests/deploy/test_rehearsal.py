@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy"))
 
 from rehearsal import (  # noqa: E402  (deploy/rehearsal.py: a script, not a package)
     TRAINER_RESOURCE,

@@ -16,7 +16,7 @@ import yaml
 from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import TrialScheduler
-from test_launch import TINY_SPACE, launch, mlflow_server, mlflow_store, sweep_runs  # noqa: F401
+from test_cli import TINY_SPACE, launch, mlflow_server, mlflow_store, sweep_runs  # noqa: F401
 
 from ifsearch.errors import ConfigError, IfsearchError
 from ifsearch.search.cli import build_parser, plan_sweep

@@ -15,7 +15,7 @@ from ifsearch.search.space import KNOWN_METRICS, load_search_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SPACE_FILES = sorted(glob.glob(str(ROOT / "search_spaces" / "*.yaml")))
 INFLUENCER_ONLY = {"loss.attr_weight", "loss.rep_weight", "loss.bg_weight", "loss.temperature",
                    "loss.margin", "loss.mask_prob", "loss.mean", "loss.class_target",
@@ -362,6 +362,6 @@ def test_ray_optuna_search_uses_define_by_run_and_warm_start():
 def test_readme_lists_every_objective_metric():
     from pathlib import Path
 
-    text = " ".join((Path(__file__).parents[1] / "search_spaces" / "README.md").read_text().split())
+    text = " ".join((Path(__file__).parents[2] / "search_spaces" / "README.md").read_text().split())
     listed = text.split("`objective.metric` is one of `")[1].split("`;")[0].split()
     assert sorted(listed) == sorted(KNOWN_METRICS)

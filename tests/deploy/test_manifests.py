@@ -16,7 +16,7 @@ from packaging.utils import canonicalize_name
 
 from ifsearch.search.cli import build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 YAMLS = sorted(DEPLOY.rglob("*.yaml")) + sorted(DEPLOY.rglob("*.yml"))
 
@@ -244,7 +244,7 @@ def test_compose_has_no_default_passwords():
 
 def test_compose_mlflow_has_the_postgres_driver_the_tests_use():
     """SQLAlchemy 2.1 opens postgresql:// with psycopg 3: the compose server installs the same
-    psycopg as the multi-node test's MLflow server (tests/test_local_cluster.py)."""
+    psycopg as the multi-node test's MLflow server (tests/deploy/test_rehearsal.py)."""
     text = (DEPLOY / "mlflow" / "docker-compose.yaml").read_text()
     assert f'"psycopg[binary]=={version("psycopg")}"' in text
     assert "psycopg2-binary" not in text

@@ -12,7 +12,7 @@ import yaml
 from ifsearch.search.cli import build_parser, plan_sweep
 from trainables import startup
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def chain(step=1.0):

@@ -26,7 +26,7 @@ from ifsearch.tracking.server import (
     stop_local_server,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

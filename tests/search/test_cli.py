@@ -33,7 +33,7 @@ from ifsearch.tracking.runs import (
 )
 from ifsearch.tracking.server import start_local_server, stop_local_server
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Tiny scenes: a trial epoch takes well under a second; Ray start-up dominates.
 TINY_SPACE = {

@@ -16,7 +16,7 @@ from browser import Browser, chromium
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.experiment import Trial
-from test_launch import launch, sweep_runs
+from test_cli import launch, sweep_runs
 
 from ifsearch.tracking.runs import (
     EXPERIMENT_KIND_TAG,
