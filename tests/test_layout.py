@@ -63,7 +63,8 @@ def imported_modules(source: str, package: str) -> set[str]:
 
 def import_graph(root: Path = REPO) -> dict[str, set[str]]:
     """Module -> the project modules it imports (a name that is not a module is dropped)."""
-    files = {module_name(p, root): p for pkg in PACKAGES for p in sorted((root / pkg).rglob("*.py"))}
+    files = {module_name(path, root): path
+             for pkg in PACKAGES for path in sorted((root / pkg).rglob("*.py"))}
     graph = {}
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]

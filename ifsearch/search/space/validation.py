@@ -1,21 +1,9 @@
-"""Search-space files: which config keys a hyperparameter search varies, and how it is run.
+"""Loading a search-space file: every problem of the file found at once, before Ray starts.
 
-A search space is a YAML file (see ``search_spaces/README.md``) with fixed training-config values
-(``base``), searched parameters keyed by dotted config key (``space``), the metric to optimise
-(``objective``), the trial budget (``budget``) and the Ray Tune scheduler and Optuna searcher.
-
-Everything is validated by ``load_search_space`` *before* Ray starts: a typo in a key or an
-impossible range would otherwise surface minutes later inside a worker, once per trial. All
-problems are reported together in one ``ConfigError``, each naming the file, the key, the value
-and the fix, so one edit fixes the file.
-
-Three views of the same space serve the three consumers:
-
-* ``SearchSpace.define_by_run`` - an Optuna define-by-run function for Ray's ``OptunaSearch``;
-  the only view that supports conditional (``when``) parameters.
-* ``SearchSpace.tune_param_space`` - Ray Tune distributions for searchers that use Tune's own
-  spaces (random search); conditional parameters are left out and keep their base value.
-* ``SearchSpace.resolve`` - one trial's sampled values -> a fully validated ``Config``.
+A typo in a key or an impossible range would otherwise surface minutes later inside a worker,
+once per trial. ``load_search_space`` reports all problems together in one ``ConfigError``, each
+naming the file, the key, the value and the fix, so one edit fixes the file. The format is
+``search_spaces/README.md``; the result is a ``schema.SearchSpace``.
 """
 
 from __future__ import annotations
@@ -25,272 +13,40 @@ import dataclasses
 import difflib
 import math
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ifsearch.config import (
-    Config,
-    apply_overrides,
-    config_from_dict,
-    flatten_config,
-    read_yaml_mapping,
-)
+from ifsearch.config import Config, apply_overrides, config_from_dict, read_yaml_mapping
 from ifsearch.errors import ConfigError
-
-KNOWN_METRICS = (
-    "AP",
-    "AP50",
-    "AP25",
-    "AP75",
-    "APs",
-    "APm",
-    "APl",
-    "AP_agnostic",
-    "AP50_agnostic",
-    "AP25_agnostic",
-    "AP75_agnostic",
-    "mCov",
-    "mWCov",
-    "mPrec",
-    "mRec",
-    "val_loss",
-    "train_loss",
-    "duplicate_rate",
-    "unclaimed_rate",
-    "active_queries",
-    "epoch_seconds",
-    "points_per_second",
+from ifsearch.search.space.schema import (
+    BUDGET_KEYS,
+    DATASET_METRICS,
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_MAX_EPOCHS,
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_OBJECTIVE,
+    DEFAULT_REDUCTION_FACTOR,
+    DEFAULT_SCHEDULER,
+    DEFAULT_SEARCHER,
+    KNOWN_METRICS,
+    MODES,
+    OBJECTIVE_KEYS,
+    PARAM_KEYS,
+    PARAM_TYPES,
+    REDUCTION_SCHEDULERS,
+    RUNG_SCHEDULERS,
+    SCHEDULER_KEYS,
+    SCHEDULERS,
+    SEARCHER_KEYS,
+    SEARCHERS,
+    TOP_LEVEL_KEYS,
+    ParamSpec,
+    SearchSpace,
+    dependency_order,
+    problems_summary,
 )
-TOP_LEVEL_KEYS = ("base", "space", "objective", "budget", "scheduler", "searcher")
-PARAM_TYPES = ("uniform", "loguniform", "int", "choice")
-PARAM_KEYS = ("type", "low", "high", "values", "step", "log", "when")
-MODES = ("min", "max")
-SCHEDULERS = ("asha", "hyperband", "median", "fifo")
-SEARCHERS = ("tpe", "random", "cmaes", "nsga2")
-OBJECTIVE_KEYS = ("metric", "mode")
-# Metrics only some datasets report (ifsearch.evaluation): COCO has no class-aware AP25, only
-# COCO has AP75/APs/APm/APl/AP75_agnostic, only S3DIS has the coverage metrics.
-DATASET_METRICS = {
-    "AP25": ("synthetic", "s3dis"),
-    **{k: ("coco",) for k in ("AP75", "APs", "APm", "APl", "AP75_agnostic")},
-    **{k: ("s3dis",) for k in ("mCov", "mWCov", "mPrec", "mRec")},
-}
-BUDGET_KEYS = ("num_samples", "max_epochs", "grace_period")
-# Options that are passed on to the scheduler/searcher; anything else is a typo.
-SCHEDULER_KEYS = ("name", "reduction_factor", "metric", "mode")
-SEARCHER_KEYS = ("name", "seed", "n_startup_trials")
-REDUCTION_SCHEDULERS = ("asha", "hyperband")  # the schedulers that take reduction_factor
-RUNG_SCHEDULERS = ("asha", "hyperband", "median")  # the ones that compare trials on a metric
-
-DEFAULT_OBJECTIVE = {"metric": "AP50", "mode": "max"}
-DEFAULT_NUM_SAMPLES = 8
-DEFAULT_MAX_EPOCHS = 8
-DEFAULT_GRACE_PERIOD = 2
-DEFAULT_SCHEDULER = {"name": "asha"}
-DEFAULT_REDUCTION_FACTOR = 2
-DEFAULT_SEARCHER = {"name": "tpe", "seed": 0}
 
 _SENTINEL = "\x00source"  # stands in for the source in config_from_dict messages we re-word
-
-
-@dataclass
-class ParamSpec:
-    """One searched parameter.
-
-    Attributes:
-        name: dotted config key, ``section.key`` (e.g. ``loss.margin``).
-        type: ``uniform`` | ``loguniform`` | ``int`` | ``choice``.
-        low: lower bound (inclusive) of numeric types.
-        high: upper bound (inclusive) of numeric types.
-        values: the options of a ``choice``.
-        step: optional grid step of ``uniform``/``int`` (Optuna's ``step``: low, low+step, ...).
-        log: sample on a log scale (``uniform``/``int``); ``loguniform`` implies it.
-        when: condition ``{dotted key: value or [values]}``; the parameter is only sampled when
-            every key has (one of) the value(s), otherwise it keeps its base value.
-    """
-
-    name: str
-    type: str
-    low: float | int | None = None
-    high: float | int | None = None
-    values: list[Any] | None = None
-    step: float | int | None = None
-    log: bool = False
-    when: dict[str, Any] | None = None
-
-    @property
-    def is_log(self) -> bool:
-        """Whether the parameter is sampled log-uniformly."""
-        return self.type == "loguniform" or bool(self.log)
-
-    def condition_holds(self, values: dict[str, Any]) -> bool:
-        """True when every ``when`` key has an allowed value in ``values`` (dotted keys)."""
-        for key, allowed in (self.when or {}).items():
-            options = allowed if isinstance(allowed, list) else [allowed]
-            if key not in values or values[key] not in options:
-                return False
-        return True
-
-
-@dataclass
-class SearchSpace:
-    """A validated search space; build it with ``load_search_space``.
-
-    Attributes:
-        path: the file it was loaded from (used in error messages).
-        base: fixed config values as a nested ``{section: {key: value}}`` dict, overrides applied.
-        params: searched parameters by dotted key, in file order.
-        objective: ``{"metric": ..., "mode": "min" | "max"}``.
-        budget: ``{"num_samples", "max_epochs", "grace_period"}``; ``max_epochs`` is every
-            trial's ``train.epochs``.
-        scheduler: ``{"name": ..., **options}``; asha/hyperband/median also get ``metric`` and
-            ``mode``, what their rungs compare (default: the objective's).
-        searcher: ``{"name": ..., **options}``.
-    """
-
-    path: str
-    base: dict[str, Any]
-    params: dict[str, ParamSpec]
-    objective: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OBJECTIVE))
-    budget: dict[str, int] = field(default_factory=dict)
-    scheduler: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
-    searcher: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SEARCHER))
-
-    # ---------------------------------------------------------------------------------------
-
-    def base_dict(self) -> dict[str, Any]:
-        """The base values plus ``train.epochs = budget.max_epochs`` (a fresh copy)."""
-        raw = copy.deepcopy(self.base)
-        if "max_epochs" in self.budget:
-            raw.setdefault("train", {})["epochs"] = self.budget["max_epochs"]
-        return raw
-
-    def resolve(self, sampled: dict[str, Any]) -> Config:
-        """Build one trial's fully resolved, validated config.
-
-        Args:
-            sampled: values by dotted key (``trial.params`` or Ray's trial config). Keys that are
-                not searched are allowed as long as they are config keys, so a warm-start point
-                or a Ray config with extra constants resolves too.
-
-        Raises:
-            ConfigError: a key is not ``section.key`` or a value is invalid for its field.
-        """
-        raw = self.base_dict()
-        errors = []
-        for key, value in sampled.items():
-            parts = key.split(".")
-            if len(parts) != 2 or not all(parts):
-                errors.append(f"{self.path}: sampled key {key!r}: expected 'section.key'")
-                continue
-            raw.setdefault(parts[0], {})
-            if not isinstance(raw[parts[0]], dict):
-                raw[parts[0]] = {}
-            raw[parts[0]][parts[1]] = value
-        if errors:
-            raise ConfigError(_summary(errors))
-        return config_from_dict(raw, source=f"{self.path} (resolved trial)")
-
-    def ordered_params(self) -> list[ParamSpec]:
-        """Params in dependency order: unconditional first, then each after what it tests."""
-        return _dependency_order(self.params)[0]
-
-    def define_by_run(self, trial: Any) -> dict[str, Any] | None:
-        """Optuna define-by-run function for Ray's ``OptunaSearch(space=...)``.
-
-        Ray 2.60 calls it with (a wrapper of) an ``optuna.Trial``, records every
-        ``trial.suggest_*`` call by its ``name`` as the trial's config, and merges a returned dict
-        of constants on top; ``None`` means "no constants". It must not do any real work. Param
-        names are the dotted keys; Ray only unflattens on ``/`` so they arrive unchanged.
-
-        Conditional params are suggested only when their ``when`` holds for the values suggested
-        so far or, for keys that are not searched, the base config; otherwise they are never
-        suggested (so TPE does not learn from values that had no effect) and keep their base
-        value in ``resolve``.
-
-        Args:
-            trial: an ``optuna.Trial`` (or Ray's suggest-capturing wrapper of one).
-
-        Returns:
-            None: there are no constants to add.
-        """
-        values = self._base_values()
-        for spec in self.ordered_params():
-            if not spec.condition_holds(values):
-                continue
-            if spec.type == "choice":
-                value = trial.suggest_categorical(spec.name, list(spec.values or []))
-            elif spec.type == "int":
-                value = trial.suggest_int(
-                    spec.name, int(spec.low), int(spec.high),
-                    step=int(spec.step or 1), log=spec.is_log,
-                )
-            else:
-                value = trial.suggest_float(
-                    spec.name, float(spec.low), float(spec.high),
-                    step=None if spec.step is None else float(spec.step), log=spec.is_log,
-                )
-            values[spec.name] = value
-        return None
-
-    def tune_param_space(self) -> dict[str, Any]:
-        """The unconditional params as Ray Tune distributions, keyed by dotted key.
-
-        For searchers that use Tune's own spaces (``random``/``BasicVariantGenerator``). Tune
-        spaces cannot express ``when`` conditions, so conditional params are left out and keep
-        their base value: use ``define_by_run`` (Optuna searchers) to search them. Bounds follow
-        the file's inclusive ``high``: ``int`` becomes ``tune.randint(low, high + 1)`` (Tune's
-        upper bound is exclusive); with a ``step`` > 1 it becomes ``tune.qrandint(low, high,
-        step)``, whose grid is the multiples of ``step`` rather than Optuna's ``low + k*step``.
-        """
-        from ray import tune  # imported here: loading/validating a space must not need Ray
-
-        space: dict[str, Any] = {}
-        for spec in self.params.values():
-            if spec.when:
-                continue
-            if spec.type == "choice":
-                space[spec.name] = tune.choice(list(spec.values or []))
-            elif spec.type == "int":
-                low, high = int(spec.low), int(spec.high)
-                step = int(spec.step or 1)
-                if spec.is_log:
-                    space[spec.name] = tune.lograndint(low, high + 1)
-                elif step > 1:
-                    space[spec.name] = tune.qrandint(low, high, step)
-                else:
-                    space[spec.name] = tune.randint(low, high + 1)
-            elif spec.is_log:
-                space[spec.name] = tune.loguniform(float(spec.low), float(spec.high))
-            elif spec.step is not None:
-                space[spec.name] = tune.quniform(float(spec.low), float(spec.high),
-                                                 float(spec.step))
-            else:
-                space[spec.name] = tune.uniform(float(spec.low), float(spec.high))
-        return space
-
-    def point_from_config(self, config: Config) -> dict[str, Any]:
-        """The searched keys' values in ``config``, for ``points_to_evaluate`` warm starts.
-
-        Conditional params whose condition does not hold in ``config`` are left out, exactly as
-        ``define_by_run`` would not suggest them. ``resolve(point_from_config(c))`` gives back
-        ``c`` when ``c`` only differs from the base in searched keys.
-        """
-        flat = flatten_config(config)
-        return {
-            spec.name: flat[spec.name]
-            for spec in self.params.values()
-            if spec.condition_holds(flat)
-        }
-
-    def _base_values(self) -> dict[str, Any]:
-        """Flat dotted-key values of the base config (defaults filled in)."""
-        return flatten_config(config_from_dict(self.base_dict(), source=self.path))
-
-
-# --------------------------------------------------------------------------------------------
-# Loading and validation
 
 
 def load_search_space(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:
@@ -360,7 +116,7 @@ class _Validator:
         if not self.errors:
             self.check_values(space)
         if self.errors:
-            raise ConfigError(_summary(self.errors))
+            raise ConfigError(problems_summary(self.errors))
         return space
 
     # -- base and overrides -------------------------------------------------------------------
@@ -549,7 +305,7 @@ class _Validator:
                     if bad:
                         self.err(where, f"value(s) {bad!r} can never hold: space.{key} only "
                                  f"takes {other.values!r}")
-        _, cycle = _dependency_order(params)
+        _, cycle = dependency_order(params)
         if cycle:
             self.err("space", f"conditions form a cycle between {sorted(cycle)}; a parameter's "
                      "when may only test parameters that do not (indirectly) test it")
@@ -738,25 +494,6 @@ def _config_fields() -> dict[str, dict[str, Any]]:
     return out
 
 
-def _dependency_order(params: dict[str, ParamSpec]) -> tuple[list[ParamSpec], set[str]]:
-    """Params with no ``when`` first, then each after the searched params it tests.
-
-    Returns the order and the names left in a cycle (empty when there is none); cyclic params
-    are appended at the end so callers still see every param.
-    """
-    order: list[ParamSpec] = [p for p in params.values() if not p.when]
-    placed = {p.name for p in order}
-    pending = [p for p in params.values() if p.when]
-    while pending:
-        ready = [p for p in pending
-                 if all(k in placed or k not in params for k in p.when or {})]
-        if not ready:
-            return order + pending, {p.name for p in pending}
-        for p in ready:
-            order.append(p)
-            placed.add(p.name)
-        pending = [p for p in pending if p.name not in placed]
-    return order, set()
 
 
 def _unknown_key(section: str, key: str, fields: dict[str, dict[str, Any]]) -> str:
@@ -787,8 +524,3 @@ def _problems(exc: ConfigError) -> list[str]:
     if not lines:
         lines = [str(exc)]
     return [ln.replace(f"{_SENTINEL}: ", "").replace(_SENTINEL, "") for ln in lines]
-
-
-def _summary(errors: list[str]) -> str:
-    lines = "\n".join(f"  - {e}" for e in errors)
-    return f"invalid search space ({len(errors)} problem{'s' * (len(errors) > 1)}):\n{lines}"
