@@ -3,6 +3,11 @@
 Logging from the driver (a ``ray.tune.Callback``) rather than from workers gives exactly one run
 per trial. Runs are found again by tags (``ifsearch.sweep``, ``ifsearch.trial_id``), so a resumed
 sweep continues the same runs instead of opening new ones.
+
+Why one module of ~620 lines: the Tune callback, the ``RunWriter`` it writes through, the
+``Spool`` that stands in for the writer while the server is down and ``sync`` (which replays the
+spool through the same writer) are one protocol of records; split, a record's shape would be
+defined in one file and read in another.
 """
 
 from __future__ import annotations
