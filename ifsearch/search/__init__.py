@@ -2,9 +2,12 @@
 
 Modules, in the order a sweep uses them:
 
-- ``cli``: ``python -m ifsearch.launch``'s options, checks and plan (everything validated
-  before Ray starts).
-- ``space``: search-space YAML files: parameters, budget, objective, scheduler, searcher.
+- ``cli``: ``python -m ifsearch.launch``'s options and checks (everything validated before Ray
+  starts); imported by nothing but that entry module.
+- ``plan``: the ``SweepPlan`` the CLI hands to the sweep, where a sweep's files and its MLflow
+  server are; below both, so neither imports the other's module.
+- ``space``: search-space YAML files (``schema``: parameters, budget, objective, scheduler,
+  searcher; ``validation``: ``load_search_space``).
 - ``resources``: what one trial reserves and whether the machine or cluster can hold it.
 - ``searcher``: the Optuna searcher that tells Optuna the truth (PRUNED, FAIL, COMPLETE) and
   persists its study.
