@@ -1,8 +1,9 @@
 """``python -m ifsearch.launch``: a Ray Tune + Optuna sweep over a search space, logged to MLflow.
 
-With no options it runs ``search_spaces/influencer_default.yaml`` on synthetic scenes on a local
-Ray runtime, logs to a local MLflow server it starts (or reuses) on 127.0.0.1, and ends by writing
-and printing the best config. Everything is validated before Ray starts.
+With no options it runs ``search_spaces/quickstart.yaml`` (the demo) on synthetic scenes on a
+local Ray runtime, logs to a local MLflow server it starts (or reuses) on 127.0.0.1, and ends by
+writing and printing the best config. Everything is validated before Ray starts. The options and
+their checks live here; the sweep itself is ``ifsearch.search.sweep``, handed a ``plan.SweepPlan``.
 """
 
 from __future__ import annotations
@@ -153,8 +154,6 @@ def resume_command(args: argparse.Namespace, name: str) -> str:
     return " ".join(shlex.quote(word) for word in words)
 
 
-
-
 def plan_sweep(args: argparse.Namespace) -> SweepPlan:
     """Validate the space, CLI and warm-start file; pick the sweep name and storage."""
     space = load_search_space(args.space, args.overrides)
@@ -229,8 +228,6 @@ def parse_rung_metric(text: str | None, space: SearchSpace, scheduler: str) -> t
         raise ConfigError(f"--rung-metric {text}: mode {mode!r} must be one of {list(MODES)}, "
                           "e.g. val_loss:min or AP25:max")
     return metric, mode
-
-
 
 
 def _check_sweep_state(storage: str, name: str, resume: bool, optuna_storage: str | None) -> None:
@@ -320,8 +317,6 @@ def _newest_sweep(storage: str, space_path: Path) -> str:
         raise ConfigError(f"--resume: no sweep of {Path(space_path).name} under {root}; pass "
                           "--name of the sweep to resume")
     return candidates[-1].name
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,7 +74,6 @@ DEFAULT_REDUCTION_FACTOR = 2
 DEFAULT_SEARCHER = {"name": "tpe", "seed": 0}
 
 
-
 @dataclass
 class ParamSpec:
     """One searched parameter.

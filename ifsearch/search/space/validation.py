@@ -498,8 +498,6 @@ def _config_fields() -> dict[str, dict[str, Any]]:
     return out
 
 
-
-
 def _unknown_key(section: str, key: str, fields: dict[str, dict[str, Any]]) -> str:
     if section not in fields:
         return (f"unknown config section {section!r}{_did_you_mean(section, fields)}; valid "
