@@ -322,7 +322,7 @@ def _newest_sweep(storage: str, space_path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # MLflow's client retries a dead server for minutes by default; the sweep's logger would
-    # block Tune meanwhile. Fail fast and spool instead (ifsearch.tracking).
+    # block Tune meanwhile. Fail fast and spool instead (ifsearch.tracking.runs).
     for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
                        ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
                        ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")):

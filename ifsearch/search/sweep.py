@@ -206,9 +206,9 @@ def start_ray(args: argparse.Namespace,
 def run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str | None) -> int:
     """Run (or resume) the sweep and export the best config; returns the exit code.
 
-    Every check that can refuse the sweep ran before (``ifsearch.launch``); the side effects
+    Every check that can refuse the sweep ran before (``ifsearch.search.cli``); the side effects
     start here: Ray, then the local MLflow server when no ``tracking_uri`` was given. At the
-    default verbosity the terminal gets only the console's lines (``ifsearch.console``).
+    default verbosity the terminal gets only the console's lines (``ifsearch.search.console``).
     """
     started = time.time()
     sweep_uri, local_dir = sweep_location(plan.storage, plan.name)

@@ -1,4 +1,4 @@
-"""ifsearch.sweep_report's early-stopping check on hand-made trial histories with known answers."""
+"""ifsearch.search.report's early-stopping check on hand-made trial histories with known answers."""
 
 import math
 from types import SimpleNamespace
