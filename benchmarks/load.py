@@ -5,7 +5,7 @@ samples ``/proc`` once a second and adds up the CPU time of every process that i
 benchmark itself or one of its descendants (the launcher, its local Ray, the MLflow server it
 started): the average number of cores the rest of the machine used, which decides the verdict.
 ``/proc/loadavg`` before the run is kept too, for information. The benchmark's own processes are
-added up as well, by process title (``ray::TrainController``, ``raylet``, ...): where Ray's CPU
+added up as well, by process title (``ray::TrialController``, ``raylet``, ...): where Ray's CPU
 goes. Linux only; elsewhere the numbers are absent and the verdict says so.
 """
 
@@ -41,7 +41,7 @@ _SCRIPTS = ("raylet", "gcs_server", "dashboard.py", "agent.py", "log_monitor.py"
 
 
 def process_title(pid: int) -> str:
-    """A short name for a process: Ray's title (``ray::TrainController``) or its program."""
+    """A short name for a process: Ray's title (``ray::TrialController``) or its program."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
@@ -130,7 +130,7 @@ class OtherLoad:
                     if pid != me:
                         self._pid_cpu[pid] = self._pid_cpu.get(pid, 0.0) + delta
                         # A Ray worker is "python", then "ray::IDLE" until it holds an
-                        # actor ("ray::TrainController"): keep the latter once seen.
+                        # actor ("ray::TrialController"): keep the latter once seen.
                         title = self._titles.get(pid, "")
                         if not title.startswith("ray::") or title == "ray::IDLE":
                             # An exiting process has no command line left ("?"): keep its name.

@@ -259,12 +259,15 @@ EXPLANATION = """\
 What a trial's start-up is made of, and what the launcher does about it (issue 13):
 
 - **Processes.** A trial is a Tune actor (the driver) that builds a `TorchTrainer`; Ray Train
-  then starts a controller actor, a placement-group cleaner, a synchronisation actor, a Tune
-  result queue and the workers: fresh Python processes that each import Ray (and most of them
-  Ray Train, with pandas and Ray Data) before doing anything, one to three CPU seconds each.
-  Cut: a finished trial's driver runs the next trial (Tune's `reuse_actors`; a trial stopped by
-  the scheduler has its Train run killed first, `TrialTorchTrainer.abort`); no Ray Data
-  `DatasetManager` actor for runs without Ray datasets; no preemption watcher on a local Ray.
+  then starts a controller actor, a synchronisation actor and the workers: fresh Python
+  processes that each import Ray (and most of them Ray Train, with pandas and Ray Data) before
+  doing anything, one to three CPU seconds each. Cut: a finished trial's driver runs the next
+  trial (Tune's `reuse_actors`; a trial stopped by the scheduler has its Train run killed
+  first, `TrialTorchTrainer.abort`); no Ray Data `DatasetManager` actor for runs without Ray
+  datasets; no preemption watcher on a local Ray; no placement-group cleaner actor (the driver
+  frees the placement group of a run it aborts or that died, the sweep that of a trial whose
+  driver died: `FreeWorkersOfDeadTrials`); no Tune result-queue actor (the driver long-polls
+  the controller for reports: `trainables/ray_report.py`).
 - **Imports.** The controller used to import torch only to unpickle Ray's `TorchConfig`
   (`trainables/backend.py` keeps torch out of it). The worker's torch, the training loop and
   `torch._dynamo` (imported by torch's first optimizer, in the `model` phase) are needed.

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
@@ -11,11 +12,13 @@ from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import (
+    PlacementGroupCleanerCallback,
+)
 from ray.train.v2._internal.constants import (
     DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
     get_env_vars_to_propagate,
 )
-from ray.train.v2._internal.execution.controller import TrainController
 
 from ifsearch.config import Config, config_to_dict
 from ifsearch.search.space import SearchSpace
@@ -70,27 +73,51 @@ TRAIN_ENV = {
 }
 
 
+class TrialStopped(Exception):
+    """Tune stopped the trial (its scheduler, the end of the sweep): its Train run was aborted."""
+
+
 class TrialTorchTrainer(TorchTrainer):
-    """``TorchTrainer`` that a trial can abort, and that starts no Ray Data actor needlessly.
+    """``TorchTrainer`` that hands each report to a callable, can be stopped, and starts no
+    helper actor a trial does not need.
 
-    Two changes to Ray's trainer, both for the start-up and slot time of a sweep's trials:
+    Changes to Ray's trainer, all for the start-up and slot time of a sweep's trials:
 
-    - ``abort()`` stops a running ``fit()`` from another thread. Tune reuses a finished trial's
-      actor for the next trial (``reuse_actors``), and a trial stopped by the scheduler finishes
-      while its ``fit()`` still runs: the run must end before the actor is reset, or its
-      workers keep their CPUs and the reset times out. Ray keeps the controller's handle local
-      to ``_initialize_and_run_controller``, so that method is Ray 2.60's own, plus keeping the
-      handle (minus the SIGINT handler Ray installs in the main thread, where no trial runs).
-    - Ray Train's datasets hook starts a ``DatasetManager`` actor for every run, datasets or
-      not: one more process per trial (~2 s of CPU on the 2-core benchmark machine, competing
-      with the trial's start-up). The trials read their data in ``train_loop``, so the hook is
-      left out when ``datasets`` is empty.
+    - The Train controller is a ``ray_report.TrialController``; ``fit()`` long-polls its outbox
+      and passes each report to ``on_report`` (``ray.tune.report`` in a trial) from the calling
+      thread, instead of Ray's ``TuneReportCallback`` and its queue actor (why:
+      ``trainables/ray_report.py``).
+    - ``should_stop`` is checked while the run goes on: when it says so, the run is aborted and
+      ``fit()`` raises ``TrialStopped``. Tune reuses a finished trial's actor for the next trial
+      (``reuse_actors``), and a trial stopped by the scheduler finishes while its ``fit()``
+      still runs: the run must end before the actor is reset, or its workers keep their CPUs
+      and the reset times out. ``fit()`` ending any other way while the run goes on (Tune ends
+      a blocked ``ray.tune.report`` with ``SystemExit``) aborts it too.
+    - No ``PlacementGroupCleaner``: Ray Train starts that detached actor for every run, to free
+      the workers' placement group if the controller dies without doing it (a placement group
+      outlives the actor that made it: it belongs to the job). It is one more process per trial
+      (~2.8 s of CPU per trial, starting while the trial starts, then asking Ray's state API
+      every second). The driver does its job when it killed the controller or saw it die
+      (``ray_report.free_workers``), and the sweep when the driver itself died
+      (``ray_report.FreeWorkersOfDeadTrials``).
+    - No ``DatasetManager`` actor (Ray Train's datasets hook starts one for every run, datasets
+      or not): the trials read their data in ``train_loop``, so the hook is left out when
+      ``datasets`` is empty.
 
-    Both override private methods of Ray's ``DataParallelTrainer``
-    (``ray/train/v2/api/data_parallel_trainer.py``): check them when upgrading Ray.
+    ``_initialize_and_run_controller`` is Ray 2.60's own, but for the controller's class, the
+    report loop and keeping the handle (minus the SIGINT handler Ray installs in the main
+    thread, where no trial runs); it and ``_create_default_callbacks`` override private methods
+    of Ray's ``DataParallelTrainer`` (``ray/train/v2/api/data_parallel_trainer.py``): check
+    them when upgrading Ray.
     """
 
-    _controller = None
+    def __init__(self, *args, on_report: Callable[[dict], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_report = on_report
+        self._should_stop = should_stop
+        self._controller = None
+        self._run = None
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         env_vars = get_env_vars_to_propagate()
@@ -100,32 +127,71 @@ class TrialTorchTrainer(TorchTrainer):
             num_cpus=0,
             label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
             runtime_env={"env_vars": env_vars},
-        )(TrainController)
+        )(ray_report.TrialController)
         self._controller = controller_cls.remote(**controller_init_kwargs)
-        ray.get(self._controller.run.remote())
+        self._run = self._controller.run.remote()
+        ended = False
+        try:
+            self._forward_reports()
+            ray.get(self._run)
+            ended = True
+        finally:
+            if not ended:
+                self.abort()
         return ray.get(self._controller.get_result.remote())
 
-    def abort(self) -> None:
-        """End a running ``fit()`` now: kill the Train controller, so that ``fit()`` raises.
+    def _forward_reports(self) -> None:
+        """Until the run ends: collect the controller's reports and hand them to ``on_report``;
+        abort the run and raise ``TrialStopped`` when ``should_stop()`` says so."""
+        take = None
+        while True:
+            if self._should_stop is not None and self._should_stop():
+                raise TrialStopped  # the run is aborted on the way out
+            take = take or self._controller.take.remote(REPORT_WAIT_S)
+            # The controller's event loop can be busy for seconds (starting the worker group):
+            # then the stop check above runs again meanwhile.
+            ready, _ = ray.wait([take], timeout=REPORT_WAIT_S + 1.0)
+            if not ready:
+                continue
+            reports, ended = ray.get(take)
+            take = None
+            for report in reports:
+                if self._on_report is not None:
+                    self._on_report(report)
+            if ended:
+                return
 
-        This is what stopping a trial did before actors were reused (Tune killed the trial's
-        process, and the controller it owned with it): the workers die with their owner and
-        Ray Train's placement-group cleaner frees their resources. Ray's graceful
-        ``controller.abort`` is no use here: a controller whose Tune report waits on the
-        stopped trial's full result queue never gets to run it.
+    def abort(self) -> None:
+        """End the running Train run now: kill its controller (its workers die with it, their
+        owner) and, once it is dead, free their placement group.
+
+        This is what stopping a trial did before actors were reused: Tune killed the trial's
+        process, and the controller it owned with it.
         """
-        if self._controller is not None:
-            ray.kill(self._controller, no_restart=True)
+        if self._controller is None:
+            return
+        ray.kill(self._controller, no_restart=True)
+        with contextlib.suppress(Exception):  # the run ends with the controller's death
+            ray.get(self._run, timeout=ABORT_WAIT_S)
+        ray_report.free_workers(self.run_config.name)
 
     def _create_default_callbacks(self):
-        callbacks = super()._create_default_callbacks()
+        callbacks = [c for c in super()._create_default_callbacks()
+                     if not isinstance(c, PlacementGroupCleanerCallback)]
         if self.datasets:
             return callbacks
         return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
 
+# How long the driver's poll of the controller's outbox waits for a report: a report arrives as
+# soon as it is made; this bounds how late the driver notices that Tune stopped the trial.
+REPORT_WAIT_S = 0.5
+# How long abort() waits for a killed controller to be gone (it takes milliseconds).
+ABORT_WAIT_S = 10.0
+
+
 def build_trainer(config: Config, settings: TrialSettings, run_name: str,
-                  callbacks: list | None = None, extra: dict | None = None) -> TorchTrainer:
+                  extra: dict | None = None, **trainer_kwargs) -> TrialTorchTrainer:
     """The ``TorchTrainer`` of one trial: ``settings.num_workers`` workers running
     ``train_fn_per_worker`` on ``config``, its Train run named ``run_name``.
 
@@ -133,8 +199,8 @@ def build_trainer(config: Config, settings: TrialSettings, run_name: str,
         config: the trial's fully resolved config.
         settings: the sweep's trial settings (workers, resources, storage, rungs).
         run_name: the Train run's name; the same name resumes the run's latest checkpoint.
-        callbacks: Train ``RunConfig`` callbacks (the Tune forwarding, start-up marks).
         extra: more ``train_loop_config`` entries for the workers.
+        trainer_kwargs: ``on_report`` and ``should_stop`` for ``TrialTorchTrainer``.
     """
     for key, value in TRAIN_ENV.items():
         os.environ.setdefault(key, value)
@@ -157,8 +223,9 @@ def build_trainer(config: Config, settings: TrialSettings, run_name: str,
             name=run_name,
             storage_path=settings.storage_path,
             failure_config=FailureConfig(max_failures=settings.max_failures),
-            callbacks=callbacks or [],
+            callbacks=[ray_report.ControllerMarks(), ray_report.ReportToOutbox()],
         ),
+        **trainer_kwargs,
     )
 
 
@@ -172,8 +239,9 @@ def train_driver_fn(sampled: dict, settings: TrialSettings) -> None:
     """The Tune function trainable: one trial of the sweep.
 
     The Train run is named after the trial id, so a restarted trial finds its run (and latest
-    checkpoint) in storage and resumes instead of starting over. When Tune stops the trial
-    (its scheduler, the end of the sweep) the Train run is aborted and the function returns.
+    checkpoint) in storage and resumes instead of starting over. Each report of the run goes to
+    Tune from this thread; when Tune stops the trial (its scheduler, the end of the sweep) the
+    Train run is aborted and the function returns.
     """
     driver_start = startup.now()
     for key, value in TUNE_ENV.items():
@@ -184,26 +252,8 @@ def train_driver_fn(sampled: dict, settings: TrialSettings) -> None:
         config.train.device = "cpu"
     trial_id = ray_report.trial_id()
     trainer = build_trainer(
-        config, settings, f"train_{trial_id}",
-        callbacks=[ray_report.StartupReportCallback(), ray_report.ControllerMarks()],
-        extra={"trial_id": trial_id, "startup_marks": {"driver_start": driver_start}})
-    stop = ray_report.trial_stop_event()
-    fitted = threading.Event()
-
-    def abort_when_stopped() -> None:
-        while not stop.wait(0.5):
-            if fitted.is_set():
-                return
-        while not fitted.is_set():  # again if the controller was not started yet
-            trainer.abort()
-            fitted.wait(1.0)
-
-    threading.Thread(target=abort_when_stopped, name="abort_when_stopped", daemon=True).start()
-    try:
+        config, settings, ray_report.train_run_name(trial_id),
+        extra={"trial_id": trial_id, "startup_marks": {"driver_start": driver_start}},
+        on_report=ray_report.report_to_tune, should_stop=ray_report.trial_stop_event().is_set)
+    with contextlib.suppress(TrialStopped):
         trainer.fit()
-    except Exception:
-        if stop.is_set():  # aborted because Tune stopped the trial: nothing went wrong
-            return
-        raise
-    finally:
-        fitted.set()

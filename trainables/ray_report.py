@@ -1,14 +1,26 @@
 """The one adapter between ifsearch and Ray's report/checkpoint/context API (Ray 2.60, Train V2).
 
-Besides reporting, it holds the hooks that time a trial's start-up (``trainables/startup.py``
-says what each mark means): a Train controller callback, a ``TuneReportCallback`` that forwards
-the controller's marks, and a Tune callback that turns all marks into phases. Two of them
-subclass Ray Train's internal callback classes (``ray.train.v2._internal``): Ray's own docs say
-``RunConfig.callbacks`` accepts them "for custom workarounds", and they may move in a later Ray.
+Besides reporting, it holds the Train controller's side of a trial: ``TrialController`` (Ray's
+``TrainController`` plus a mailbox the trial's driver reads, ``Outbox``), the controller
+callbacks that fill the mailbox (``ControllerMarks``, ``ReportToOutbox``), and the Tune callback
+that turns a trial's start-up marks into phases (``trainables/startup.py`` says what each mark
+means). Three of them subclass Ray Train's internal classes (``ray.train.v2._internal``): Ray's
+own docs say ``RunConfig.callbacks`` accepts them "for custom workarounds", and they may move in
+a later Ray.
+
+Why a mailbox instead of Ray's ``TuneReportCallback``: that callback hands each report to Tune
+through a ``ray.util.queue.Queue``, an actor: one more process per trial, started and importing
+Ray while the trial's controller and workers start on the same cores (1.9 s of CPU per trial on
+the 2-core benchmark machine), and a ``put`` that blocks the controller's event loop until Tune
+takes the previous report, so a stopped trial's controller could not even be aborted. The
+driver already holds the controller's handle: it long-polls ``TrialController.take`` and reports
+to Tune itself (``trainables.driver.TrialTorchTrainer``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
 import socket
 import threading
@@ -17,8 +29,13 @@ from pathlib import Path
 import ray
 import ray.train
 import ray.tune
+from ray._raylet import PlacementGroupID
+from ray.experimental import internal_kv
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.train.v2._internal.execution.controller import TrainController
+from ray.train.v2.api.callback import UserCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from trainables import startup
 
@@ -72,6 +89,13 @@ def trial_id() -> str:
     return ray.tune.get_context().get_trial_id()
 
 
+def report_to_tune(report: dict) -> None:
+    """Hand one report of the trial's Train run to Tune, from the trial driver's thread (where
+    ``train_driver_fn`` runs). Blocks until Tune has taken it; when Tune stops the trial
+    meanwhile, Tune ends the call with ``SystemExit``."""
+    ray.tune.report(report)
+
+
 def trial_stop_event() -> threading.Event:
     """Set when Tune stops the calling trial (its scheduler, the end of the sweep, or before it
     reuses the trial's actor): the stop event of Tune's function-trainable session, which has
@@ -81,39 +105,143 @@ def trial_stop_event() -> threading.Event:
     return get_session().stop_event
 
 
+class Outbox:
+    """What a Train controller has for its trial's driver: the reports Tune has not had yet, and
+    whether the run has ended.
+
+    One per controller process (``OUTBOX``). Filled by the controller callbacks, synchronously
+    from the controller's event loop; emptied by ``TrialController.take``, a coroutine on the
+    same loop that waits for a report without blocking the loop.
+    """
+
+    def __init__(self) -> None:
+        self.reports: list[dict] = []
+        self.closed = False
+        self._news: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def put(self, report: dict) -> None:
+        self.reports.append(report)
+        self._wake()
+
+    def close(self) -> None:
+        """The run has ended: nothing more will come."""
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._loop is not None and self._news is not None:
+            self._loop.call_soon_threadsafe(self._news.set)
+
+    async def take(self, wait_s: float) -> tuple[list[dict], bool]:
+        """Every report not taken yet, waiting up to ``wait_s`` for one unless the run has
+        ended; and whether the run has ended (then the reports returned are the last)."""
+        self._loop = asyncio.get_running_loop()
+        self._news = self._news or asyncio.Event()
+        deadline = self._loop.time() + wait_s
+        # A loop, not one wait: a wake-up scheduled for reports already taken can come late.
+        while not self.reports and not self.closed and self._loop.time() < deadline:
+            self._news.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._news.wait(), deadline - self._loop.time())
+        closed = self.closed  # read before the reports: a report put after this is taken next
+        reports, self.reports = self.reports, []
+        return reports, closed
+
+
+# This controller process's mailbox (a controller runs in a process of its own).
+OUTBOX = Outbox()
+
+
+class TrialController(TrainController):
+    """Ray's Train controller, plus ``take``: the driver's way to collect the trial's reports
+    (and to learn that the run has ended: ``run`` closes the outbox)."""
+
+    async def run(self):
+        try:
+            await super().run()
+        finally:
+            OUTBOX.close()
+
+    async def take(self, wait_s: float) -> tuple[list[dict], bool]:
+        return await OUTBOX.take(wait_s)
+
+
+def train_run_name(trial_id: str) -> str:
+    """The name of a trial's Train run: the same for every attempt, so a restarted trial finds
+    its run's latest checkpoint in storage."""
+    return f"train_{trial_id}"
+
+
+# Where a Train controller leaves its worker group's placement group: Ray's internal key-value
+# store (the GCS; ray.experimental.internal_kv, not a public API), under the run's name.
+_KV_NAMESPACE = "ifsearch"
+
+
+def _placement_group_key(run_name: str) -> str:
+    return f"placement_group:{run_name}"
+
+
+def free_workers(run_name: str) -> None:
+    """Free the placement group of the Train run's last worker group, whose controller is dead.
+
+    A placement group belongs to the job, not to the controller that made it: it outlives the
+    controller, and its CPUs stay reserved for the rest of the sweep unless someone removes it.
+    The controller does when its run ends; after it was killed or died, this does (nothing
+    happens if the group is gone already). Call it only once the controller is dead: a live one
+    would start another worker group when it sees its workers die.
+    """
+    key = _placement_group_key(run_name)
+    group_id = internal_kv._internal_kv_get(key, namespace=_KV_NAMESPACE)
+    if group_id is not None:
+        remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group_id.decode())))
+        internal_kv._internal_kv_del(key, namespace=_KV_NAMESPACE)
+
+
 class ControllerMarks(ControllerCallback, WorkerGroupCallback):
     """Train controller hooks: mark the controller's start, its workers being up and its
-    worker group's start hooks being done.
+    worker group's start hooks being done; say where the worker group's placement group is.
 
     The marks go to ``startup.CONTROLLER_MARKS`` (this controller's process), where the backend
-    adds its own and ``StartupReportCallback`` picks them up.
+    adds its own and ``ReportToOutbox`` picks them up. The placement group's id goes to Ray's
+    key-value store under the run's name, for ``free_workers``.
     """
+
+    _run_name = ""
 
     def after_controller_start(self, train_run_context) -> None:
         startup.CONTROLLER_MARKS["controller_start"] = startup.now()
+        self._run_name = train_run_context.run_config.name
 
     def before_init_train_context(self, workers) -> dict:
         startup.CONTROLLER_MARKS["workers_up"] = startup.now()
         return {}
 
     def after_worker_group_start(self, worker_group) -> None:
-        # Ray runs its own hooks first (backend set-up, placement-group cleaner): ours is last.
+        state = worker_group.get_worker_group_state()
+        group_id = state.placement_group_handle.placement_group.id.hex()
+        internal_kv._internal_kv_put(_placement_group_key(self._run_name), group_id,
+                                     namespace=_KV_NAMESPACE)
+        # Ray runs its own hooks first (the backend set-up): ours is last.
         startup.CONTROLLER_MARKS["group_started"] = startup.now()
 
 
-class StartupReportCallback(TuneReportCallback):
-    """``TuneReportCallback`` that adds the controller's start-up marks to its first report."""
+class ReportToOutbox(UserCallback):
+    """Put every report of the Train run in the outbox, as Tune gets it: rank 0's metrics, plus
+    ``checkpoint_path`` when the report has a checkpoint (what ``TuneReportCallback`` does), and
+    the controller's start-up marks on the first one."""
 
     def __init__(self) -> None:
-        super().__init__()
         self._marks_sent = False
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        if not self._marks_sent and metrics:
+        report = dict(metrics[0])
+        if checkpoint is not None:
+            report[CHECKPOINT_PATH_KEY] = checkpoint.path
+        if not self._marks_sent:
             self._marks_sent = True
-            metrics = [{**metrics[0], **startup.as_metrics(startup.CONTROLLER_MARKS)},
-                       *metrics[1:]]
-        super().after_report(run_context=run_context, metrics=metrics, checkpoint=checkpoint)
+            report.update(startup.as_metrics(startup.CONTROLLER_MARKS))
+        OUTBOX.put(report)
 
 
 class StartupPhases(ray.tune.Callback):
@@ -151,3 +279,22 @@ class StartupPhases(ray.tune.Callback):
         self._done.add(trial.trial_id)
         marks.update(tune_add=created, tune_result=received)
         result.update(startup.phases(marks, float(result.get("epoch_seconds", 0.0))))
+
+
+class FreeWorkersOfDeadTrials(ray.tune.Callback):
+    """Tune callback: free the workers of a trial whose driver died (``free_workers``).
+
+    The trial's driver frees its Train run's workers when it aborts the run or sees the
+    controller die (``trainables.driver.TrialTorchTrainer``); when the driver itself dies (its
+    process killed, its node lost), the controller dies with it (the driver owns it) and only
+    the sweep is left to do it (Ray Train's per-run ``PlacementGroupCleaner`` actor is for this;
+    ifsearch's trials do without it). Only on a failed trial, Tune restarting it or giving up:
+    when Tune stops a live trial (its scheduler), the driver aborts the run itself, and freeing
+    the workers under a live controller would make it start new ones.
+    """
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        free_workers(train_run_name(trial.trial_id))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        free_workers(train_run_name(trial.trial_id))

@@ -40,7 +40,7 @@ PHASES = (
     ("backend_setup", "backend_start", "backend_ready",
      "torch.distributed process group (skipped for a group of one)"),
     ("start_callbacks", "backend_ready", "group_started",
-     "Ray Train's other start hooks: registering with the placement-group cleaner actor"),
+     "Ray Train's other start hooks (the workers' working directory, metrics)"),
     ("train_fn_launch", "group_started", "worker_fn_start",
      "train function sent to the workers and unpickled there (imports the training loop)"),
     ("dataset", "worker_fn_start", "data_built", "config parsed, datasets built"),

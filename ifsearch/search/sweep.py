@@ -58,7 +58,7 @@ from ifsearch.tracking.runs import (
 )
 from ifsearch.tracking.server import free_port, redact_uri
 from trainables import TrialSettings, train_driver_fn
-from trainables.ray_report import StartupPhases
+from trainables.ray_report import FreeWorkersOfDeadTrials, StartupPhases
 
 # Ray Train settings for a local Ray only. The preemption watcher (one more actor process per
 # trial, polling Ray for nodes being drained) has nothing to watch on a single machine.
@@ -178,10 +178,11 @@ def start_ray(args: argparse.Namespace,
     fit = local_concurrency(workers, cpus, gpus, cores, local_gpus)
     concurrent = args.max_concurrent or fit
     num_cpus = local_ray_cpus(concurrent, workers, cpus, cores)
-    # Ray Train's placement-group cleaner finds its cluster through the State API, which gives
-    # up when several Ray instances run on one machine ("Found multiple active Ray instances"),
-    # and the placement groups of stopped trials are then never freed: the sweep hangs. So
-    # pin the GCS port and tell every process of this cluster its address.
+    # Ray Train's State API users (its state actor; its placement-group cleaner, which ifsearch's
+    # trials no longer start) find their cluster through the State API, which gives up when
+    # several Ray instances run on one machine ("Found multiple active Ray instances"); with
+    # the cleaner, the placement groups of stopped trials were then never freed and the sweep
+    # hung. So pin the GCS port and tell every process of this cluster its address.
     gcs_port = free_port("")  # the GCS listens on every interface
     address = f"{ray.util.get_node_ip_address()}:{gcs_port}"
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
@@ -277,8 +278,10 @@ def _run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str | No
         # A trial whose own process dies is restarted once; its Train run (same name) resumes
         # from the last checkpoint. Worker deaths are retried inside Train (trainables/).
         # StartupPhases edits each trial's first result (start-up phases): before the logger.
+        # FreeWorkersOfDeadTrials frees the workers of a trial whose driver process died.
         run_config = tune.RunConfig(name=plan.name, storage_path=plan.storage,
-                                    callbacks=[StartupPhases(), logger, table],
+                                    callbacks=[StartupPhases(), logger, table,
+                                               FreeWorkersOfDeadTrials()],
                                     progress_reporter=reporter,
                                     failure_config=tune.FailureConfig(max_failures=1))
         tuner = tune.Tuner(

@@ -184,7 +184,7 @@ def test_throughput_smoke_writes_its_section(tmp_path):
     assert float(rows[1]["Ray's other processes (cores)"]) > 0  # at least the controller ran
     assert rows[0]["machine"] in ("idle", "**busy**")
     assert "Goal (< 10% overhead for one worker)" in text
-    assert "- ray-1: machine load: " in text and "ray::TrainController" in text
+    assert "- ray-1: machine load: " in text and "ray::TrialController" in text
     assert (tmp_path / "img" / "throughput.png").stat().st_size > 0
 
 

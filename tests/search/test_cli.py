@@ -565,11 +565,14 @@ def test_mlflow_outage_mid_sweep_is_spooled_and_synced(tmp_path):
 def test_killed_process_resumes_the_trial_from_its_checkpoint(tmp_path, mlflow_server, victim):
     """SIGKILL a Train worker (Train restarts the worker group) or the trial's own process
     (Tune restarts the trial): the trial resumes from its last checkpoint, its epochs continue
-    in the same MLflow run, and the sweep finishes."""
+    in the same MLflow run, and the sweep finishes. One trial at a time, so the local Ray has
+    the CPUs of one trial only: the restart gets them only if the dead run's workers' placement
+    group was freed (for a dead trial process, by ``FreeWorkersOfDeadTrials``)."""
     from ifsearch.tracking.server import process_tree
 
     epochs = 8
     proc = launch(tmp_path, mlflow_server, "--name", "faulty", "--num-samples", "1",
+                  "--max-concurrent", "1",
                   "--max-epochs", str(epochs), "--scheduler", "fifo",
                   "--set", "data.num_points=768", "--set", "data.train_scenes=18", wait=False)
     client = MlflowClient(mlflow_server)
@@ -605,6 +608,9 @@ def test_killed_process_resumes_the_trial_from_its_checkpoint(tmp_path, mlflow_s
     # The fault was retried by the layer that owns it: a new Train worker group, and for a
     # dead trial process also a Tune retry (Ray's records, not ours).
     processes = ray_actor_processes(proc.pid)
+    # Helpers Ray Train and Tune start per run, which trials do without (trainables/driver.py):
+    # the driver frees a dead run's placement group, and reads its reports from the controller.
+    assert processes["PlacementGroupCleaner"] == processes["_QueueActor"] == 0, processes
     trial = next(iter(tune.values()))
     if victim == "ray::RayTrainWorker":
         assert (processes["ImplicitFunc"], processes["RayTrainWorker"]) == (1, 2), processes
@@ -682,9 +688,6 @@ def test_mlflow_server_and_ray_dashboard_listen_on_loopback_only(mlflow_server):
 
 # -- What the user sees (issue 15): a quiet console, checks before side effects -----------------
 
-NOISE = ("RayTrainWorker", "TrainController", "Result for", "PreemptionWatcher")
-
-
 @pytest.mark.slow
 def test_console_is_quiet_by_default_and_the_log_holds_the_rest(tmp_path, mlflow_server):
     quiet = launch(tmp_path, mlflow_server, "--name", "quiet", "--num-samples", "2",
@@ -693,17 +696,18 @@ def test_console_is_quiet_by_default_and_the_log_holds_the_rest(tmp_path, mlflow
                  "sweep efficiency:", "quiet/t01 finished all 1 epochs",
                  "quiet/t02 finished all 1 epochs"):
         assert line in quiet, (line, quiet)
-    for noise in ("RayTrainWorker", "TrainController", "Result for", "PreemptionWatcher"):
+    # (ray::TrialController: a trial's Train controller, trainables/ray_report.py)
+    for noise in ("RayTrainWorker", "TrialController", "Result for", "PreemptionWatcher"):
         assert noise not in quiet, (noise, quiet)
     log = (tmp_path / "sweeps" / "quiet" / "launch.log").read_text()
     assert f"log (Ray, Ray Train and Tune output): {tmp_path / 'sweeps' / 'quiet'}" in quiet
-    for noise in ("RayTrainWorker", "TrainController", "Result for"):
+    for noise in ("RayTrainWorker", "TrialController", "Result for"):
         assert noise in log, noise
     assert "best trial: quiet/t0" in log  # the log alone tells the whole story
 
     loud = launch(tmp_path, mlflow_server, "--name", "loud", "--num-samples", "1",
                   "--max-epochs", "1", "--scheduler", "fifo", "--verbose").output
-    for noise in ("RayTrainWorker", "TrainController", "Result for"):
+    for noise in ("RayTrainWorker", "TrialController", "Result for"):
         assert noise in loud, noise
     assert not (tmp_path / "sweeps" / "loud" / "launch.log").exists()
 

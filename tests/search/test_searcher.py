@@ -416,14 +416,16 @@ def test_the_study_records_what_tune_did_and_resume_continues_it(tmp_path, mlflo
 @pytest.mark.slow
 def test_asha_stops_trials_whose_objective_is_tied_at_zero(tmp_path, mlflow_server):
     """Objective AP50, which stays 0 on these tiny scenes; the rungs compare val_loss, so the
-    sampled trials (lr ~1e-7) that reach the first rung after the warm start (lr 1e-2) stop."""
+    sampled trials (lr ~1e-7) that reach the first rung after the warm start (lr 1e-2) stop.
+    One trial at a time, so the local Ray has one trial's CPUs: a stopped trial whose workers'
+    placement group were left reserved would keep the next trial waiting forever."""
     space = tmp_path / "zero_objective.yaml"
     space.write_text(yaml.safe_dump({**TINY_SPACE, "objective": {"metric": "AP50",
                                                                  "mode": "max"}}))
     anchor = tiny_config(tmp_path, "anchor", lr=1.0e-2, weight_decay=7.0e-5)
     launch(tmp_path, mlflow_server, "--space", str(space),  # argparse keeps the last --space
            "--name", "tied", "--warm-start", anchor, "--num-samples", "3", "--max-epochs", "2",
-           "--rung-metric", "val_loss:min")
+           "--rung-metric", "val_loss:min", "--max-concurrent", "1")
     analysis = tune.ExperimentAnalysis(str(tmp_path / "sweeps" / "tied"))
     frames = [analysis.trial_dataframes[t.trial_id] for t in analysis.trials]
     assert len(frames) == 3
