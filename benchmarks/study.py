@@ -53,6 +53,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import yaml
+
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
 for _path in (str(BENCHMARKS), str(REPO)):
@@ -617,7 +619,8 @@ def run_retrains(tasks: list[Task], work: Work, budget: Budget, args: argparse.N
         while todo or running:
             while todo and len(running) < args.jobs:
                 task = todo.pop(0)
-                running[_start_retrain(task, work, budget, log)] = (task, 0)
+                running[_start_retrain(task, work, budget, log, args.retrain_threads)] = (
+                    task, 0)
             time.sleep(2.0)
             for proc, (task, attempts) in list(running.items()):
                 if proc.poll() is None:
@@ -634,7 +637,8 @@ def run_retrains(tasks: list[Task], work: Work, budget: Budget, args: argparse.N
                     log(f"  {task.variant} seed {task.seed}: metrics incomplete after a clean "
                         "exit; starting it afresh")
                     (folder / "checkpoint.pt").unlink(missing_ok=True)
-                    running[_start_retrain(task, work, budget, log)] = (task, 1)
+                    running[_start_retrain(task, work, budget, log,
+                                           args.retrain_threads)] = (task, 1)
                 else:
                     tail = "\n".join((folder / "train.log").read_text(
                         errors="replace").splitlines()[-20:])
@@ -660,13 +664,14 @@ def run_retrains(tasks: list[Task], work: Work, budget: Budget, args: argparse.N
                 proc.kill()
 
 
-def _start_retrain(task: Task, work: Work, budget: Budget, log: Clock) -> subprocess.Popen:
+def _start_retrain(task: Task, work: Work, budget: Budget, log: Clock,
+                   threads: int | None = None) -> subprocess.Popen:
     folder = work.retrain(task.variant, task.seed)
     folder.mkdir(parents=True, exist_ok=True)
     resuming = (folder / "checkpoint.pt").exists()
     overrides = [*budget.sets, *task.extra, f"train.seed={task.seed}",
                  f"train.epochs={budget.epochs}", f"train.output_dir={folder}",
-                 "train.resume=true"]
+                 "train.resume=true", *([f"train.num_threads={threads}"] if threads else [])]
     cmd = [sys.executable, "-m", "ifsearch.train", "--config", str(task.config)]
     for item in overrides:
         cmd += ["--set", item]
@@ -943,6 +948,19 @@ def gather_runs(tasks: list[Task], work: Work, budget: Budget) -> dict[str, list
     return groups
 
 
+def retrain_threads(tasks: list[Task], work: Work) -> str:
+    """How many torch threads the retrains had, from each run's saved config: e.g. "2 threads
+    (9 runs), 1 thread (22 runs)". A run resumed with another count is counted at its last."""
+    counts: dict[int, int] = {}
+    for task in tasks:
+        saved = work.retrain(task.variant, task.seed) / "config.yaml"
+        if saved.exists():
+            threads = int(yaml.safe_load(saved.read_text())["train"]["num_threads"])
+            counts[threads] = counts.get(threads, 0) + 1
+    return ", ".join(f"{n} thread{'s' * (n != 1)} ({k} run{'s' * (k != 1)})"
+                     for n, k in sorted(counts.items(), reverse=True)) or "–"
+
+
 def render(work: Work, budget: Budget, mode: str, args: argparse.Namespace,
            images: Path, out: Path) -> tuple[str, dict]:
     """The section's markdown, and the verdict (for the console)."""
@@ -1014,8 +1032,8 @@ mean ± std over the seeds that reached it): {sr.convergence_sentence(main, labe
   trial's last epoch.
 - **Retrains**: each sweep's `best_config.yaml` trained again with `python -m ifsearch.train`
   for {budget.epochs} epochs, seeds {", ".join(map(str, budget.seeds))} (model init and data
-  order; the scenes are the same), {args.jobs} run(s) at a time, variants interleaved seed by
-  seed. The Influencer sweep picked {picked or "–"}.
+  order; the scenes are the same), variants interleaved seed by seed; torch threads per run:
+  {retrain_threads(tasks, work)}. The Influencer sweep picked {picked or "–"}.
 - **Ablations**: the Influencer best config with one factor flipped at a time
   ({", ".join(f"`{k}`" for k in budget.ablations)}; an extra term "on" means weight
   {ON_WEIGHT:g}), seeds {", ".join(map(str, budget.ablation_seeds))}, {budget.epochs} epochs.
@@ -1170,8 +1188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-seed", type=int, default=0, help="searcher seed of both sweeps")
     p.add_argument("--jobs", type=int, default=1,
                    help="retrains at once; each uses the config's train.num_threads (2 in the "
-                        "study spaces), so with --jobs 2 on 2 cores add "
-                        "--set train.num_threads=1")
+                        "study spaces), so with --jobs 2 on 2 cores add --retrain-threads 1")
+    p.add_argument("--retrain-threads", type=int, default=None,
+                   help="torch threads of each retrain (default: the config's). Not part of "
+                        "the study's fingerprint: it changes the speed, and the floating-point "
+                        "sums' order (as a seed does), not what is trained; the report says "
+                        "how many threads each retrain had")
     p.add_argument("--storage", default=None,
                    help="Tune storage of the sweeps (default <work>/sweeps; on a cluster a "
                         "path every node sees)")
@@ -1225,6 +1247,8 @@ def resolve_budget(args: argparse.Namespace) -> tuple[str, Budget]:
                          f"{budget.max_epochs}")
     if args.jobs < 1:
         raise StudyError(f"--jobs {args.jobs} must be >= 1")
+    if args.retrain_threads is not None and args.retrain_threads < 1:
+        raise StudyError(f"--retrain-threads {args.retrain_threads} must be >= 1")
     return mode, budget
 
 
