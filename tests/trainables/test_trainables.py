@@ -3,6 +3,7 @@ checkpoint cadence) splits the data over DDP workers, and a same-named run resum
 checkpoint."""
 
 import math
+import time
 
 import pytest
 import ray
@@ -50,3 +51,28 @@ def test_two_workers_split_the_scenes_and_resume(tmp_path, local_ray):
     assert resumed.metrics["epoch"] == 2
     assert resumed.metrics["start_epoch"] == 2  # epoch 1 was not trained again
     assert list(resumed.metrics_dataframe["epoch"]) == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_stopped_run_leaves_no_workers_reserved(tmp_path, local_ray):
+    """Stop a run after its first report (what Tune's scheduler does to a trial): ``fit()``
+    raises ``TrialStopped``, every report made so far was handed over, and no placement group
+    is left holding the workers' CPUs (Ray's own table, and its free CPUs)."""
+    from ray.util.placement_group import placement_group_table
+
+    from trainables.driver import TrialStopped
+
+    cpus = ray.available_resources()["CPU"]
+    reports = []
+    settings = TrialSettings(space=None, num_workers=1, storage_path=str(tmp_path))
+    trainer = build_trainer(tiny(20), settings, "stopped", on_report=reports.append,
+                            should_stop=lambda: len(reports) >= 1)
+    with pytest.raises(TrialStopped):
+        trainer.fit()
+    assert [r["epoch"] for r in reports] == [1]
+    assert [g["state"] for g in placement_group_table().values()
+            if g["state"] != "REMOVED"] == []
+    deadline = time.time() + 30  # Ray frees a removed group's resources asynchronously
+    while ray.available_resources().get("CPU") != cpus and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU") == cpus
