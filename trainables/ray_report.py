@@ -35,7 +35,11 @@ from ray.train.v2._internal.execution.callback import ControllerCallback, Worker
 from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2.api.callback import UserCallback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
-from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group_table,
+    remove_placement_group,
+)
 
 from trainables import startup
 
@@ -279,6 +283,12 @@ class StartupPhases(ray.tune.Callback):
         self._done.add(trial.trial_id)
         marks.update(tune_add=created, tune_result=received)
         result.update(startup.phases(marks, float(result.get("epoch_seconds", 0.0))))
+
+
+def reserved_placement_groups() -> int:
+    """How many placement groups of the Ray cluster hold their resources. After a sweep on its
+    own local Ray, every one is a trial's workers that nobody freed (Tune has removed its own)."""
+    return sum(group["state"] == "CREATED" for group in placement_group_table().values())
 
 
 class FreeWorkersOfDeadTrials(ray.tune.Callback):

@@ -58,7 +58,11 @@ from ifsearch.tracking.runs import (
 )
 from ifsearch.tracking.server import free_port, redact_uri
 from trainables import TrialSettings, train_driver_fn
-from trainables.ray_report import FreeWorkersOfDeadTrials, StartupPhases
+from trainables.ray_report import (
+    FreeWorkersOfDeadTrials,
+    StartupPhases,
+    reserved_placement_groups,
+)
 
 # Ray Train settings for a local Ray only. The preemption watcher (one more actor process per
 # trial, polling Ray for nodes being drained) has nothing to watch on a single machine.
@@ -321,6 +325,11 @@ def _run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str | No
               f"Continue it with:\n  {plan.resume_command}")
         return 130
     efficiency = slot_efficiency(results, started, time.time(), concurrent)
+    leaked = reserved_placement_groups() if args.address is None else 0
+    if leaked:
+        say(f"warning: {leaked} placement group(s) still reserved after the last trial: some "
+            "trial's Train workers were never freed, and their CPUs were missing for the rest "
+            "of the sweep (an ifsearch bug: please report it with the sweep's launch.log)")
     return _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri, local_dir,
                    ui_link, efficiency)
 

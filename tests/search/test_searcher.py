@@ -423,9 +423,11 @@ def test_asha_stops_trials_whose_objective_is_tied_at_zero(tmp_path, mlflow_serv
     space.write_text(yaml.safe_dump({**TINY_SPACE, "objective": {"metric": "AP50",
                                                                  "mode": "max"}}))
     anchor = tiny_config(tmp_path, "anchor", lr=1.0e-2, weight_decay=7.0e-5)
-    launch(tmp_path, mlflow_server, "--space", str(space),  # argparse keeps the last --space
-           "--name", "tied", "--warm-start", anchor, "--num-samples", "3", "--max-epochs", "2",
-           "--rung-metric", "val_loss:min", "--max-concurrent", "1")
+    out = launch(tmp_path, mlflow_server, "--space", str(space),  # the last --space counts
+                 "--name", "tied", "--warm-start", anchor, "--num-samples", "3",
+                 "--max-epochs", "2", "--rung-metric", "val_loss:min",
+                 "--max-concurrent", "1").output
+    assert "placement group(s) still reserved" not in out
     analysis = tune.ExperimentAnalysis(str(tmp_path / "sweeps" / "tied"))
     frames = [analysis.trial_dataframes[t.trial_id] for t in analysis.trials]
     assert len(frames) == 3
