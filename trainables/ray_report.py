@@ -2,11 +2,13 @@
 
 Besides reporting, it holds the Train controller's side of a trial: ``TrialController`` (Ray's
 ``TrainController`` plus a mailbox the trial's driver reads, ``Outbox``), the controller
-callbacks that fill the mailbox (``ControllerMarks``, ``ReportToOutbox``), and the Tune callback
-that turns a trial's start-up marks into phases (``trainables/startup.py`` says what each mark
-means). Three of them subclass Ray Train's internal classes (``ray.train.v2._internal``): Ray's
-own docs say ``RunConfig.callbacks`` accepts them "for custom workarounds", and they may move in
-a later Ray.
+callbacks that fill the mailbox and say where the workers' placement group is
+(``ReportToOutbox``, ``ControllerMarks``), the freeing of a dead run's workers
+(``free_workers``, and ``FreeWorkersOfDeadTrials`` for the sweep), and the Tune callback that
+turns a trial's start-up marks into phases (``trainables/startup.py`` says what each mark
+means). ``TrialController`` and ``ControllerMarks`` subclass Ray Train's internal classes
+(``ray.train.v2._internal``): Ray's own docs say ``RunConfig.callbacks`` accepts such callbacks
+"for custom workarounds", and they may move in a later Ray.
 
 Why a mailbox instead of Ray's ``TuneReportCallback``: that callback hands each report to Tune
 through a ``ray.util.queue.Queue``, an actor: one more process per trial, started and importing
