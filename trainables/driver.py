@@ -191,7 +191,8 @@ ABORT_WAIT_S = 10.0
 
 
 def build_trainer(config: Config, settings: TrialSettings, run_name: str,
-                  extra: dict | None = None, **trainer_kwargs) -> TrialTorchTrainer:
+                  extra: dict | None = None, on_report: Callable[[dict], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> TrialTorchTrainer:
     """The ``TorchTrainer`` of one trial: ``settings.num_workers`` workers running
     ``train_fn_per_worker`` on ``config``, its Train run named ``run_name``.
 
@@ -200,7 +201,8 @@ def build_trainer(config: Config, settings: TrialSettings, run_name: str,
         settings: the sweep's trial settings (workers, resources, storage, rungs).
         run_name: the Train run's name; the same name resumes the run's latest checkpoint.
         extra: more ``train_loop_config`` entries for the workers.
-        trainer_kwargs: ``on_report`` and ``should_stop`` for ``TrialTorchTrainer``.
+        on_report: called with each report of the run (a trial passes ``ray.tune.report``).
+        should_stop: polled while the run goes on; True aborts it (``TrialTorchTrainer``).
     """
     for key, value in TRAIN_ENV.items():
         os.environ.setdefault(key, value)
@@ -225,7 +227,8 @@ def build_trainer(config: Config, settings: TrialSettings, run_name: str,
             failure_config=FailureConfig(max_failures=settings.max_failures),
             callbacks=[ray_report.ControllerMarks(), ray_report.ReportToOutbox()],
         ),
-        **trainer_kwargs,
+        on_report=on_report,
+        should_stop=should_stop,
     )
 
 

@@ -8,10 +8,6 @@ import time
 from trainables.ray_report import Outbox
 
 
-def run(coroutine):
-    return asyncio.run(coroutine)
-
-
 def test_a_waiting_poll_returns_when_a_report_arrives_and_each_report_comes_once():
     async def scenario():
         box = Outbox()
@@ -29,7 +25,7 @@ def test_a_waiting_poll_returns_when_a_report_arrives_and_each_report_comes_once
         assert await box.take(0.2) == ([], False)  # nothing new: waits, then empty
         assert 0.15 < time.monotonic() - started < 2.0
 
-    run(scenario())
+    asyncio.run(scenario())
 
 
 def test_the_end_of_the_run_wakes_a_waiting_poll_with_the_last_reports():
@@ -45,4 +41,4 @@ def test_the_end_of_the_run_wakes_a_waiting_poll_with_the_last_reports():
         assert await box.take(30.0) == ([{"epoch": 8}], True)
         assert await asyncio.wait_for(box.take(30.0), 2.0) == ([], True)  # no waiting
 
-    run(scenario())
+    asyncio.run(scenario())
