@@ -321,12 +321,15 @@ def test_an_interrupted_retrain_resumes_from_its_checkpoint(tmp_path):
                    capture_output=True, timeout=300)
     assert len(study.read_history(folder)) == 1 and (folder / "checkpoint.pt").exists()
 
-    args = type("Args", (), {"jobs": 1, "progress_every": 1e9})()
+    # The script's own parser: a stand-in for its arguments would miss options added later.
+    args = study.build_parser().parse_args(["--progress-every", "1e9", "--retrain-threads", "1"])
     lines = []
     study.run_retrains([task], work, budget, args, lines.append, lambda: "?")
     history = study.read_history(folder)
     assert [m["epoch"] for m in history] == [1, 2]
     assert history[1]["start_epoch"] == 2  # epoch 2 came from the resumed process
+    resumed_command = (folder / "train.log").read_text().splitlines()
+    assert any("train.num_threads=1" in line for line in resumed_command if line.startswith("$"))
     assert any("resuming after epoch 1" in line for line in lines)
     assert not (folder / "checkpoint.pt").exists()  # finished: only the metrics are kept
 
