@@ -270,7 +270,9 @@ What a trial's start-up is made of, and what the launcher does about it (issue 1
   the controller for reports: `trainables/ray_report.py`).
 - **Imports.** The controller used to import torch only to unpickle Ray's `TorchConfig`
   (`trainables/backend.py` keeps torch out of it). The worker's torch, the training loop and
-  `torch._dynamo` (imported by torch's first optimizer, in the `model` phase) are needed.
+  `torch._dynamo` (imported by torch's first optimizer, in the `model` phase) are needed;
+  `scipy.optimize` (the Hungarian matcher's solver) is imported on the first match only, so
+  Influencer trials' workers never import it.
 - **torch.distributed** for a group of one: skipped (`backend_setup`).
 - **Datasets**: the synthetic scenes are generated lazily, per item, so building them costs
   milliseconds (`dataset`): nothing to cache or share. S3DIS is converted once per sweep

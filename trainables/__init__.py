@@ -9,7 +9,7 @@ one file.
 The names are imported on first use (PEP 562): every Ray process that unpickles something from
 this package (the Train controller unpickles ``trainables.startup``'s callbacks, the trial driver
 ``train_driver_fn``) imports ``trainables`` first, and only the worker needs the training loop
-(torch, scipy, the model), so the package itself imports nothing heavy.
+(torch, the model), so the package itself imports nothing heavy.
 """
 
 from __future__ import annotations

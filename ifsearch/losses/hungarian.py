@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 
 from ifsearch.losses.common import per_scene_mask_logits, per_scene_target_masks
 
@@ -159,6 +158,10 @@ def hungarian_assignment(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     Returns:
         (query_idx, target_idx) int64 CPU tensors of length min(M, K), sorted by query index.
     """
+    # Imported here, not with the module: scipy.optimize takes ~0.3 s to import, and every
+    # trial's fresh worker imports this module (through ifsearch.losses), Influencer trials too.
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(cost.detach().float().cpu().numpy())
     return (
         torch.as_tensor(rows, dtype=torch.int64),

@@ -157,3 +157,19 @@ def test_startup_benchmark_smoke_writes_its_section(tmp_path):
         float(row.split("|")[2].split()[0])  # a median was measured ("-" if none)
     assert "machine load: " in body
     assert (tmp_path / "startup.json").exists()
+
+
+@pytest.mark.parametrize("loss", ["influencer", "hungarian"])
+def test_only_a_hungarian_run_imports_the_assignment_solver(tmp_path, loss):
+    """scipy.optimize (the Hungarian matcher's solver, ~0.3 s to import) stays off the start
+    path of an Influencer trial's fresh worker; a Hungarian run still gets it when it matches."""
+    code = ("import sys, trainables.worker\n"
+            "from ifsearch.train import main\n"
+            f"assert main([*sys.argv[1:], '--output-dir', {str(tmp_path)!r}]) == 0\n"
+            "print('scipy.optimize' in sys.modules)\n")
+    sets = ["loss.name=" + loss, "data.num_points=256", "data.train_scenes=2", "data.val_scenes=1",
+            "model.embed_dim=16", "model.ffn_dim=32", "model.num_heads=2", "train.epochs=1",
+            "train.device=cpu"]
+    out = subprocess.run([sys.executable, "-c", code, *(a for s in sets for a in ("--set", s))],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.splitlines()[-1] == str(loss == "hungarian")
