@@ -210,7 +210,8 @@ class ControllerMarks(ControllerCallback, WorkerGroupCallback):
 
     The marks go to ``startup.CONTROLLER_MARKS`` (this controller's process), where the backend
     adds its own and ``ReportToOutbox`` picks them up. The placement group's id goes to Ray's
-    key-value store under the run's name, for ``free_workers``.
+    key-value store under the run's name, for ``free_workers``, until the controller removes
+    the group itself.
     """
 
     _run_name = ""
@@ -230,6 +231,13 @@ class ControllerMarks(ControllerCallback, WorkerGroupCallback):
                                      namespace=_KV_NAMESPACE)
         # Ray runs its own hooks first (the backend set-up): ours is last.
         startup.CONTROLLER_MARKS["group_started"] = startup.now()
+
+    def after_worker_group_shutdown(self, worker_group_context) -> None:
+        # The controller removed the group itself: nothing left for free_workers to do.
+        internal_kv._internal_kv_del(_placement_group_key(self._run_name),
+                                     namespace=_KV_NAMESPACE)
+
+    after_worker_group_abort = after_worker_group_shutdown
 
 
 class ReportToOutbox(UserCallback):
