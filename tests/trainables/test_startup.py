@@ -159,6 +159,7 @@ def test_startup_benchmark_smoke_writes_its_section(tmp_path):
     assert (tmp_path / "startup.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["influencer", "hungarian"])
 def test_only_a_hungarian_run_imports_the_assignment_solver(tmp_path, loss):
     """scipy.optimize (the Hungarian matcher's solver, ~0.3 s to import) stays off the start

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import ray
+from ray.experimental import internal_kv
 
 from ifsearch.config import config_from_dict
 from trainables.driver import TrialSettings, build_trainer
@@ -50,12 +51,11 @@ def test_two_workers_split_the_scenes_and_resume(tmp_path, local_ray):
     resumed = fit(tmp_path, epochs=2, workers=2)
     assert resumed.metrics["epoch"] == 2
     assert resumed.metrics["start_epoch"] == 2  # epoch 1 was not trained again
+    assert list(resumed.metrics_dataframe["epoch"]) == [1, 2]
 
     # Runs that ended by themselves removed their worker groups: none is left in Ray's key-value
     # store for free_workers (it would hold a key per trial for the sweep's whole life).
-    from ray.experimental import internal_kv
     assert internal_kv._internal_kv_list("placement_group:", namespace="ifsearch") == []
-    assert list(resumed.metrics_dataframe["epoch"]) == [1, 2]
 
 
 @pytest.mark.slow
