@@ -188,14 +188,17 @@ def measure(modes: list[str], data: dict, epochs: int, scratch: Path,
     if ray_modes:
         import ray
 
-        # Like the launcher (dashboard on, so Ray's own background processes are counted), but
-        # exactly one logical CPU per core: the workers own the machine, nothing oversubscribes.
+        from trainables.driver import LOCAL_TRAIN_ENV
+
+        # Like the launcher (dashboard on, so Ray's own background processes are counted; the
+        # Ray Train settings of a local sweep, so no preemption watcher), but exactly one
+        # logical CPU per core: the workers own the machine, nothing oversubscribes.
         # Workers' scratch dirs (trainables/worker.py uses mkdtemp) go to our scratch folder
         # (TMPDIR for the workers only: Ray itself would move its session dir there too).
         started = time.perf_counter()
         ray.init(address="local", num_cpus=cores, dashboard_host="127.0.0.1",
-                 include_dashboard=True, runtime_env={"env_vars": {"TMPDIR": str(scratch)}},
-                 log_to_driver=False)
+                 include_dashboard=True, log_to_driver=False,
+                 runtime_env={"env_vars": {"TMPDIR": str(scratch), **LOCAL_TRAIN_ENV}})
         info["ray_init_s"] = time.perf_counter() - started
         try:
             for mode in ray_modes:

@@ -71,6 +71,10 @@ TRAIN_ENV = {
     # the controller 5 small calls a second per worker.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
 }
+# Ray Train settings for a local Ray only, given to every process of the cluster by the
+# ``ray.init`` that starts it. The preemption watcher (one more actor process per Train run,
+# polling Ray for nodes being drained) has nothing to watch on a single machine.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 class TrialStopped(Exception):

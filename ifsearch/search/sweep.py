@@ -58,15 +58,13 @@ from ifsearch.tracking.runs import (
 )
 from ifsearch.tracking.server import free_port, redact_uri
 from trainables import TrialSettings, train_driver_fn
+from trainables.driver import LOCAL_TRAIN_ENV
 from trainables.ray_report import (
     FreeWorkersOfDeadTrials,
     StartupPhases,
     reserved_placement_groups,
 )
 
-# Ray Train settings for a local Ray only. The preemption watcher (one more actor process per
-# trial, polling Ray for nodes being drained) has nothing to watch on a single machine.
-LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 SPOOL_NAME = "mlflow_spool.jsonl"  # MLflow records kept while the server is unreachable
 
 
