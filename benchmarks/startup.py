@@ -262,14 +262,16 @@ What a trial's start-up is made of, and what the launcher does about it (issue 1
   then starts a controller actor, a synchronisation actor and the workers: fresh Python
   processes that each import Ray (and most of them Ray Train, with pandas and Ray Data) before
   doing anything, one to three CPU seconds each. Cut: a finished trial's driver runs the next
-  trial (Tune's `reuse_actors`; a trial stopped by the scheduler has its Train run killed
-  first, `TrialTorchTrainer.abort`); no Ray Data `DatasetManager` actor for runs without Ray
-  datasets; no preemption watcher on a local Ray; no placement-group cleaner actor (the driver
-  frees the placement group of a run it aborts or that died, the sweep that of a trial whose
-  driver died: `FreeWorkersOfDeadTrials`); no Tune result-queue actor (the driver long-polls
-  the controller for reports: `trainables/ray_report.py`).
-- **Imports.** The controller used to import torch only to unpickle Ray's `TorchConfig`
-  (`trainables/backend.py` keeps torch out of it). The worker's torch, the training loop and
+  trial (Tune's `reuse_actors`; a trial stopped by the scheduler has its Train run aborted
+  first, `TrialTorchTrainer.abort`); the Train controller runs on a thread of the driver, not
+  as an actor of its own (`ray_report.ControllerThread`), so a reused driver has it imported
+  already; no Ray Data `DatasetManager` actor for runs without Ray datasets; no preemption
+  watcher on a local Ray; no placement-group cleaner actor (the controller frees the placement
+  group of a run that ends or is aborted, the sweep that of a trial whose driver died:
+  `FreeWorkersOfDeadTrials`); no Tune result-queue actor (the driver takes the controller's
+  reports from its outbox: `trainables/ray_report.py`).
+- **Imports.** The controller (now the driver) used to import torch only to unpickle Ray's
+  `TorchConfig` (`trainables/backend.py` keeps torch out of it). The worker's torch, the training loop and
   `torch._dynamo` (imported by torch's first optimizer, in the `model` phase) are needed;
   `scipy.optimize` (the Hungarian matcher's solver) is imported on the first match only, so
   Influencer trials' workers never import it.

@@ -18,8 +18,10 @@ measured phase by phase by ``benchmarks/startup.py``.
 
 Every mode runs under ``benchmarks/load.OtherLoad``: the CPU other processes of the machine used
 meanwhile is printed and written with the table (a shared machine's numbers say little), and for
-the Ray modes the CPU of Ray's own processes besides the training workers (controller,
-dashboard, raylet, ...), which is what one worker shares its cores with.
+the Ray modes the CPU of Ray's own processes besides the training workers (synchronisation
+actor, dashboard, raylet, ...), which is what one worker shares its cores with. The Train
+controller runs in this script's process, as it runs in a trial's driver
+(``trainables.ray_report.ControllerThread``), and is not counted.
 
 ``train_loop`` reports ``points_per_second`` over the training steps only (data loading, forward,
 backward, optimizer; group-wide under DDP) and ``epoch_seconds`` (training + validation); the
@@ -264,7 +266,8 @@ def render(results: list[Measurement], info: dict, data: dict, epochs: int,
         "1 - Ray/plain (points/s) against the plain loop on the same torch threads (ray-2's "
         "two single-thread workers: against the plain loop on all cores). \"Ray's other "
         "processes\": average cores used by Ray's processes besides the training workers "
-        "(controller, dashboard, raylet, ...) over the run; \"machine\": whether other "
+        "(synchronisation actor, dashboard, raylet, ...; not the Train controller, which runs "
+        "in the benchmark's process) over the run; \"machine\": whether other "
         "processes of the machine competed (details below).",
         "",
         table,
@@ -287,7 +290,7 @@ def render(results: list[Measurement], info: dict, data: dict, epochs: int,
             f"columns, not in points/s). The whole run took {ray1.wall_s:.1f} s vs "
             f"{plain.wall_s:.1f} s; outside the epochs {_outside_epochs(ray1):.1f} s vs "
             f"{_outside_epochs(plain):.1f} s (the plain loop's is building data and model; "
-            "Ray's adds starting the Train controller and worker processes, torch.distributed "
+            "Ray's adds starting the Train controller and the worker processes, torch.distributed "
             "and the reports) — a fixed cost per run, paid again by every trial of a sweep."
         )
     if plain1 is not None and ray1t is not None:
@@ -297,7 +300,8 @@ def render(results: list[Measurement], info: dict, data: dict, epochs: int,
             f"**Goal at one torch thread (a sweep's default trial): {verdict}** — one Ray Train "
             f"worker with one thread trains at {ray1t.points_per_second:,.0f} points/s vs "
             f"{plain1.points_per_second:,.0f} for the plain loop with one thread (overhead "
-            f"{_pct(overhead)}). Here Ray's own processes (controller, raylet, dashboard, ...) "
+            f"{_pct(overhead)}). Here Ray's own processes (raylet, dashboard, ...) and the Train "
+            "controller's polls "
             "run on the core the worker leaves free; with every core given to torch threads "
             "(the row above) they take cycles from the training threads, which wait for each "
             "other at every operation.")]

@@ -7,8 +7,8 @@ report/checkpoint API lives in ``trainables/ray_report.py`` so the next rename o
 one file.
 
 The names are imported on first use (PEP 562): every Ray process that unpickles something from
-this package (the Train controller unpickles ``trainables.startup``'s callbacks, the trial driver
-``train_driver_fn``) imports ``trainables`` first, and only the worker needs the training loop
+this package (the trial driver unpickles ``train_driver_fn``, and runs the Train controller with
+its callbacks) imports ``trainables`` first, and only the worker needs the training loop
 (torch, the model), so the package itself imports nothing heavy.
 """
 

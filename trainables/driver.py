@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import ray
 from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -15,16 +15,15 @@ from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import (
     PlacementGroupCleanerCallback,
 )
-from ray.train.v2._internal.constants import (
-    DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
-    get_env_vars_to_propagate,
-)
+from ray.train.v2._internal.constants import DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE
 
 from ifsearch.config import Config, config_to_dict
 from ifsearch.search.space import SearchSpace
 from trainables import ray_report, startup
 from trainables.backend import TrialTorchConfig
 from trainables.worker import train_fn_per_worker
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,8 +61,9 @@ class TrialSettings:
     checkpoint_epochs: tuple[int, ...] = ()
 
 
-# Ray Train settings every trial runs with, unless set in the environment already. Train passes
-# them on to the controller and workers it starts (ray.train.v2._internal.constants).
+# Ray Train settings every trial runs with, unless set in the environment already: read by the
+# controller, in the trial's driver, and passed on to the workers Train starts
+# (ray.train.v2._internal.constants).
 TRAIN_ENV = {
     # The controller polls its workers this often, and only a poll hands a report on to Tune;
     # a worker whose previous report is still unpolled waits. Ray's 2 s made every report of a
@@ -87,10 +87,11 @@ class TrialTorchTrainer(TorchTrainer):
 
     Changes to Ray's trainer, all for the start-up and slot time of a sweep's trials:
 
-    - The Train controller is a ``ray_report.TrialController``; ``fit()`` long-polls its outbox
-      and passes each report to ``on_report`` (``ray.tune.report`` in a trial) from the calling
-      thread, instead of Ray's ``TuneReportCallback`` and its queue actor (why:
-      ``trainables/ray_report.py``).
+    - The Train controller runs in this process, on a thread of its own
+      (``ray_report.ControllerThread``), not as an actor: one process fewer per trial (why:
+      ``trainables/ray_report.py``). ``fit()`` long-polls its outbox and passes each report to
+      ``on_report`` (``ray.tune.report`` in a trial) from the calling thread, instead of Ray's
+      ``TuneReportCallback`` and its queue actor.
     - ``should_stop`` is checked while the run goes on: when it says so, the run is aborted and
       ``fit()`` raises ``TrialStopped``. Tune reuses a finished trial's actor for the next trial
       (``reuse_actors``), and a trial stopped by the scheduler finishes while its ``fit()``
@@ -101,18 +102,16 @@ class TrialTorchTrainer(TorchTrainer):
       the workers' placement group if the controller dies without doing it (a placement group
       outlives the actor that made it: it belongs to the job). It is one more process per trial
       (~2.8 s of CPU per trial, starting while the trial starts, then asking Ray's state API
-      every second). The driver does its job when it killed the controller or saw it die
-      (``ray_report.free_workers``), and the sweep when the driver itself died
-      (``ray_report.FreeWorkersOfDeadTrials``).
+      every second). The controller frees it when its run ends or is aborted, and the sweep
+      when the driver itself died (``ray_report.FreeWorkersOfDeadTrials``).
     - No ``DatasetManager`` actor (Ray Train's datasets hook starts one for every run, datasets
       or not): the trials read their data in ``train_loop``, so the hook is left out when
       ``datasets`` is empty.
 
-    ``_initialize_and_run_controller`` is Ray 2.60's own, but for the controller's class, the
-    report loop and keeping the handle (minus the SIGINT handler Ray installs in the main
-    thread, where no trial runs); it and ``_create_default_callbacks`` override private methods
-    of Ray's ``DataParallelTrainer`` (``ray/train/v2/api/data_parallel_trainer.py``): check
-    them when upgrading Ray.
+    ``_initialize_and_run_controller`` replaces Ray 2.60's (which starts the controller actor,
+    installs a SIGINT handler in the main thread, where no trial runs, and waits); it and
+    ``_create_default_callbacks`` override private methods of Ray's ``DataParallelTrainer``
+    (``ray/train/v2/api/data_parallel_trainer.py``): check them when upgrading Ray.
     """
 
     def __init__(self, *args, on_report: Callable[[dict], None] | None = None,
@@ -120,45 +119,29 @@ class TrialTorchTrainer(TorchTrainer):
         super().__init__(*args, **kwargs)
         self._on_report = on_report
         self._should_stop = should_stop
-        self._controller = None
-        self._run = None
+        self._run: ray_report.ControllerThread | None = None
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
-        env_vars = get_env_vars_to_propagate()
-        env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
-                            DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
-        controller_cls = ray.remote(
-            num_cpus=0,
-            label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
-            runtime_env={"env_vars": env_vars},
-        )(ray_report.TrialController)
-        self._controller = controller_cls.remote(**controller_init_kwargs)
-        self._run = self._controller.run.remote()
+        # The controller calls ray.get inside its coroutines, as Ray's own does in its actor.
+        os.environ.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+                              DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+        self._run = ray_report.ControllerThread(self.run_config.name, controller_init_kwargs)
         ended = False
         try:
             self._forward_reports()
-            ray.get(self._run)
             ended = True
         finally:
             if not ended:
                 self.abort()
-        return ray.get(self._controller.get_result.remote())
+        return self._run.result()
 
     def _forward_reports(self) -> None:
         """Until the run ends: collect the controller's reports and hand them to ``on_report``;
         abort the run and raise ``TrialStopped`` when ``should_stop()`` says so."""
-        take = None
         while True:
             if self._should_stop is not None and self._should_stop():
                 raise TrialStopped  # the run is aborted on the way out
-            take = take or self._controller.take.remote(REPORT_WAIT_S)
-            # The controller's event loop can be busy for seconds (starting the worker group):
-            # then the stop check above runs again meanwhile.
-            ready, _ = ray.wait([take], timeout=REPORT_WAIT_S + 1.0)
-            if not ready:
-                continue
-            reports, ended = ray.get(take)
-            take = None
+            reports, ended = self._run.outbox.take(REPORT_WAIT_S)
             for report in reports:
                 if self._on_report is not None:
                     self._on_report(report)
@@ -166,18 +149,20 @@ class TrialTorchTrainer(TorchTrainer):
                 return
 
     def abort(self) -> None:
-        """End the running Train run now: kill its controller (its workers die with it, their
-        owner) and, once it is dead, free their placement group.
+        """End the running Train run now: stop its controller, which aborts its worker group
+        (the workers' processes end, their placement group is removed).
 
-        This is what stopping a trial did before actors were reused: Tune killed the trial's
-        process, and the controller it owned with it.
+        Should the controller still be busy after ``ABORT_WAIT_S`` (starting a worker group
+        blocks it until the group is up), its workers' placement group is freed meanwhile
+        (``ray_report.free_workers``) and the controller aborts the group when it gets there.
         """
-        if self._controller is None:
+        if self._run is None:
             return
-        ray.kill(self._controller, no_restart=True)
-        with contextlib.suppress(Exception):  # the run ends with the controller's death
-            ray.get(self._run, timeout=ABORT_WAIT_S)
-        ray_report.free_workers(self.run_config.name)
+        if not self._run.stop(ABORT_WAIT_S):
+            logger.warning("Train run %s: its controller was still busy %.0f s after the "
+                           "trial stopped; freeing its workers", self.run_config.name,
+                           ABORT_WAIT_S)
+            ray_report.free_workers(self.run_config.name)
 
     def _create_default_callbacks(self):
         callbacks = [c for c in super()._create_default_callbacks()
@@ -190,8 +175,9 @@ class TrialTorchTrainer(TorchTrainer):
 # How long the driver's poll of the controller's outbox waits for a report: a report arrives as
 # soon as it is made; this bounds how late the driver notices that Tune stopped the trial.
 REPORT_WAIT_S = 0.5
-# How long abort() waits for a killed controller to be gone (it takes milliseconds).
-ABORT_WAIT_S = 10.0
+# How long abort() waits for the controller to abort its worker group (it takes well under a
+# second once the controller is at an await; under Tune's TUNE_FUNCTION_THREAD_TIMEOUT_S).
+ABORT_WAIT_S = 20.0
 
 
 def build_trainer(config: Config, settings: TrialSettings, run_name: str,

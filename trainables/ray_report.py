@@ -1,28 +1,30 @@
 """The one adapter between ifsearch and Ray's report/checkpoint/context API (Ray 2.60, Train V2).
 
-Besides reporting, it holds the Train controller's side of a trial: ``TrialController`` (Ray's
-``TrainController`` plus a mailbox the trial's driver reads, ``Outbox``), the controller
-callbacks that fill the mailbox and say where the workers' placement group is
-(``ReportToOutbox``, ``ControllerMarks``), the freeing of a dead run's workers
-(``free_workers``, and ``FreeWorkersOfDeadTrials`` for the sweep), and the Tune callback that
-turns a trial's start-up marks into phases (``trainables/startup.py`` says what each mark
-means). ``TrialController`` and ``ControllerMarks`` subclass Ray Train's internal classes
-(``ray.train.v2._internal``): Ray's own docs say ``RunConfig.callbacks`` accepts such callbacks
-"for custom workarounds", and they may move in a later Ray.
+Besides reporting, it holds the Train controller's side of a trial: ``ControllerThread`` runs
+Ray's ``TrainController`` (as ``TrialController``) in the trial driver's process, with a mailbox
+the driver reads (``Outbox``); the controller callbacks that fill the mailbox and say where the
+workers' placement group is (``ReportToOutbox``, ``ControllerMarks``); the freeing of a dead
+run's workers (``free_workers``, and ``FreeWorkersOfDeadTrials`` for the sweep); and the Tune
+callback that turns a trial's start-up marks into phases (``trainables/startup.py`` says what
+each mark means). ``TrialController`` and ``ControllerMarks`` subclass Ray Train's internal
+classes (``ray.train.v2._internal``): Ray's own docs say ``RunConfig.callbacks`` accepts such
+callbacks "for custom workarounds", and they may move in a later Ray.
 
 Why a mailbox instead of Ray's ``TuneReportCallback``: that callback hands each report to Tune
 through a ``ray.util.queue.Queue``, an actor: one more process per trial, started and importing
 Ray while the trial's controller and workers start on the same cores (1.9 s of CPU per trial on
 the 2-core benchmark machine), and a ``put`` that blocks the controller's event loop until Tune
 takes the previous report, so a stopped trial's controller could not even be aborted. The
-driver already holds the controller's handle: it long-polls ``TrialController.take`` and reports
-to Tune itself (``trainables.driver.TrialTorchTrainer``).
+driver runs the controller: it takes the reports from the outbox and reports to Tune itself
+(``trainables.driver.TrialTorchTrainer``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import queue
 import shutil
 import socket
 import threading
@@ -33,8 +35,11 @@ import ray.train
 import ray.tune
 from ray._raylet import PlacementGroupID
 from ray.experimental import internal_kv
+from ray.train import Result
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 from ray.train.v2._internal.execution.controller import TrainController
+from ray.train.v2._internal.execution.controller.state import AbortedState
+from ray.train.v2._internal.execution.worker_group import WorkerGroup
 from ray.train.v2.api.callback import UserCallback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.util.placement_group import (
@@ -44,6 +49,8 @@ from ray.util.placement_group import (
 )
 
 from trainables import startup
+
+logger = logging.getLogger(__name__)
 
 
 def worker_rank() -> int:
@@ -115,62 +122,155 @@ class Outbox:
     """What a Train controller has for its trial's driver: the reports Tune has not had yet, and
     whether the run has ended.
 
-    One per controller process (``OUTBOX``). Filled by the controller callbacks, synchronously
-    from the controller's event loop; emptied by ``TrialController.take``, a coroutine on the
-    same loop that waits for a report without blocking the loop.
+    Filled on the controller's thread (``ReportToOutbox``, and ``ControllerThread`` closes it
+    when the run ends); emptied on the driver's (``take``). Thread-safe: a queue.
     """
 
+    _END = object()  # put by close(): nothing follows
+
     def __init__(self) -> None:
-        self.reports: list[dict] = []
-        self.closed = False
-        self._news: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False  # the end was taken (read and written by the taking thread only)
 
     def put(self, report: dict) -> None:
-        self.reports.append(report)
-        self._wake()
+        self._queue.put(report)
 
     def close(self) -> None:
         """The run has ended: nothing more will come."""
-        self.closed = True
-        self._wake()
+        self._queue.put(self._END)
 
-    def _wake(self) -> None:
-        if self._loop is not None and self._news is not None:
-            self._loop.call_soon_threadsafe(self._news.set)
-
-    async def take(self, wait_s: float) -> tuple[list[dict], bool]:
+    def take(self, wait_s: float) -> tuple[list[dict], bool]:
         """Every report not taken yet, waiting up to ``wait_s`` for one unless the run has
         ended; and whether the run has ended (then the reports returned are the last)."""
-        self._loop = asyncio.get_running_loop()
-        self._news = self._news or asyncio.Event()
-        deadline = self._loop.time() + wait_s
-        # A loop, not one wait: a wake-up scheduled for reports already taken can come late.
-        while not self.reports and not self.closed and self._loop.time() < deadline:
-            self._news.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._news.wait(), deadline - self._loop.time())
-        closed = self.closed  # read before the reports: a report put after this is taken next
-        reports, self.reports = self.reports, []
-        return reports, closed
+        items = []
+        with contextlib.suppress(queue.Empty):
+            if not self._closed:
+                items.append(self._queue.get(timeout=wait_s))
+            while True:
+                items.append(self._queue.get_nowait())
+        self._closed = self._closed or any(item is self._END for item in items)
+        return [item for item in items if item is not self._END], self._closed
 
 
-# This controller process's mailbox (a controller runs in a process of its own).
-OUTBOX = Outbox()
+# The outbox of each Train run whose controller runs in this process, by the run's name: how
+# ReportToOutbox, which Ray pickles along with the run's config, finds it.
+OUTBOXES: dict[str, Outbox] = {}
+
+
+class TrialWorkerGroup(WorkerGroup):
+    """Ray's worker group, but its workers get no handle to their controller.
+
+    Ray hands each worker its controller actor, which a worker calls only for
+    ``ray.train.get_all_reported_checkpoints`` (ifsearch's workers do not); a controller that
+    runs on a thread of the driver is no actor, and the driver may be none either (a benchmark,
+    a test). ``_init_train_context_on_workers`` is otherwise Ray 2.60's own.
+    """
+
+    def _init_train_context_on_workers(self, workers, sync_actor, train_context_args) -> None:
+        ray.get([
+            worker.actor.init_train_context.remote(
+                train_run_context=self._train_run_context,
+                distributed_context=worker.distributed_context,
+                synchronization_actor=sync_actor,
+                storage_context=self._storage_context,
+                worker_callbacks=self._worker_callbacks_to_propagate,
+                controller_actor=None,
+                **{arg: values[rank] for arg, values in train_context_args.items()},
+            )
+            for rank, worker in enumerate(workers)
+        ])
+        self._decorate_worker_log_file_paths(workers)
 
 
 class TrialController(TrainController):
-    """Ray's Train controller, plus ``take``: the driver's way to collect the trial's reports
-    (and to learn that the run has ended: ``run`` closes the outbox)."""
+    """Ray's Train controller, run in the trial driver's process (``ControllerThread``) instead
+    of an actor of its own: aborting it ends the run, not the process."""
 
-    async def run(self):
+    worker_group_cls = TrialWorkerGroup
+
+    async def abort(self):
+        # Ray 2.60's TrainController.abort but for its last step, ray.actor.exit_actor(): here
+        # that would end the trial's actor, the process this controller runs in.
+        if self.get_state().is_terminal():
+            return
+        self._controller_callback_manager.invoke_best_effort("before_controller_abort")
         try:
-            await super().run()
-        finally:
-            OUTBOX.close()
+            if self._worker_group:
+                self._worker_group.abort()
+            self._set_state(AbortedState())
+        except Exception:
+            logger.exception("Could not abort the Train run's worker group")
 
-    async def take(self, wait_s: float) -> tuple[list[dict], bool]:
-        return await OUTBOX.take(wait_s)
+
+class ControllerThread:
+    """A trial's Train run: a ``TrialController`` on an asyncio loop of its own, in a thread of
+    the calling process (the trial's driver), started on construction.
+
+    Ray runs the controller as an actor, one more process per trial: ~1.9 s of a trial's
+    start-up and ~2 s of CPU on the 2-core benchmark machine (docs/benchmarks.md, "Trial
+    start-up"). Nothing in the controller needs a process of its own: it is an asyncio object
+    that calls Ray's API (start the worker group, poll it, report, shut it down). Here the
+    workers are owned by the driver, and die with it as they died with the controller; the
+    reports reach the driver through an ``Outbox``; stopping the run cancels the controller's
+    loop at its next ``await`` and aborts the worker group, instead of killing a process.
+
+    One run per instance; the process may run other runs after it (Tune reuses trial actors).
+    """
+
+    def __init__(self, run_name: str, controller_kwargs: dict) -> None:
+        self.outbox = OUTBOXES[run_name] = Outbox()
+        self._run_name = run_name
+        self._loop = asyncio.new_event_loop()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._controller: TrialController | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, args=(controller_kwargs,),
+                                        name=f"train-controller-{run_name}", daemon=True)
+        self._thread.start()
+
+    def _main(self, controller_kwargs: dict) -> None:
+        startup.CONTROLLER_MARKS.clear()
+        try:
+            self._loop.run_until_complete(self._run(controller_kwargs))
+        except BaseException as error:  # noqa: BLE001 - handed to the driver by result()
+            self._error = error
+        finally:
+            self._loop.close()
+            OUTBOXES.pop(self._run_name, None)
+            self.outbox.close()
+
+    async def _run(self, controller_kwargs: dict) -> None:
+        self._task = asyncio.current_task()
+        if self._stopping:
+            return
+        self._controller = TrialController(**controller_kwargs)
+        try:
+            await self._controller.run()
+        except asyncio.CancelledError:
+            await self._controller.abort()
+
+    def _cancel(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def stop(self, wait_s: float) -> bool:
+        """Abort the run: cancel the controller at its next ``await`` (starting a worker group
+        blocks its loop for seconds) and abort its worker group. True once the run has ended,
+        False if it is still going after ``wait_s`` seconds (it ends at that ``await``)."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the run has ended
+            self._loop.call_soon_threadsafe(self._cancel)
+        self._thread.join(wait_s)
+        return not self._thread.is_alive()
+
+    def result(self) -> Result:
+        """The ended run's result (``TrainController.get_result``); raises what ended the
+        controller if it failed."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._controller.get_result()
 
 
 def train_run_name(trial_id: str) -> str:
@@ -208,8 +308,8 @@ class ControllerMarks(ControllerCallback, WorkerGroupCallback):
     """Train controller hooks: mark the controller's start, its workers being up and its
     worker group's start hooks being done; say where the worker group's placement group is.
 
-    The marks go to ``startup.CONTROLLER_MARKS`` (this controller's process), where the backend
-    adds its own and ``ReportToOutbox`` picks them up. The placement group's id goes to Ray's
+    The marks go to ``startup.CONTROLLER_MARKS`` (in the driver, where the controller runs),
+    where the backend adds its own and ``ReportToOutbox`` picks them up. The placement group's id goes to Ray's
     key-value store under the run's name, for ``free_workers``, until the controller removes
     the group itself.
     """
@@ -255,7 +355,9 @@ class ReportToOutbox(UserCallback):
         if not self._marks_sent:
             self._marks_sent = True
             report.update(startup.as_metrics(startup.CONTROLLER_MARKS))
-        OUTBOX.put(report)
+        outbox = OUTBOXES.get(run_context.run_config.name)
+        if outbox is not None:  # None: no ControllerThread runs it (a plain TorchTrainer)
+            outbox.put(report)
 
 
 class StartupPhases(ray.tune.Callback):

@@ -1,17 +1,17 @@
 """Where a trial's start-up goes: wall-clock marks taken by each process of a trial, turned into
 phase durations that the trial's first result carries (``startup_<phase>_s``).
 
-A trial passes through four kinds of process before its first result: the sweep (Tune starts
-the trial and receives its results), the trial's driver (builds the ``TorchTrainer``), the Train
-controller (starts the worker group and sets up torch.distributed) and the workers (build data
-and model, train). Each takes ``time.time()`` marks at its own steps and hands them on with the
+A trial passes through three kinds of process before its first result: the sweep (Tune starts
+the trial and receives its results), the trial's driver (builds the ``TorchTrainer`` and, on a
+thread of its own, runs the Train controller, which starts the worker group and sets up
+torch.distributed) and the workers (build data and model, train). Each takes ``time.time()`` marks at its own steps and hands them on with the
 first report as ``startup_at_<mark>`` keys; the sweep's ``StartupPhases`` callback
 (``trainables/ray_report.py``) adds its own two marks, turns the chain into phases and drops the
 raw marks, so MLflow logs only durations. One clock per machine: on a cluster, a phase that
 crosses nodes also holds the two nodes' clock offset.
 
-Stdlib only: every process of a trial imports this module, including the controller, which must
-not pay for torch or the training loop.
+Stdlib only: every process of a trial imports this module, including the driver, which must not
+pay for torch or the training loop.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ PHASES = (
      "Tune's trial actor: placement group, process and the driver's imports (or a reused "
      "actor's reset), then the call of train_driver_fn"),
     ("train_controller", "driver_start", "controller_start",
-     "TorchTrainer built, storage checked, Train controller actor started"),
+     "TorchTrainer built, storage checked, Train controller started (a thread of the driver)"),
     ("worker_group", "controller_start", "workers_up",
      "placement group, Train worker processes started and their Ray imports"),
     ("train_context", "workers_up", "backend_start",
@@ -86,6 +86,6 @@ def phases(marks: dict[str, float], epoch_seconds: float) -> dict[str, float]:
     return durations
 
 
-# The marks the Train controller took for its current worker group; the controller runs in its
-# own process, so this module's copy there is that controller's.
+# The marks the Train controller took for its current worker group. The controller runs in the
+# trial's driver, one run at a time per process (ray_report.ControllerThread clears this).
 CONTROLLER_MARKS: dict[str, float] = {}

@@ -9,7 +9,7 @@ sweep folder, whose path is printed once; ``--verbose`` puts it all back on the 
 
 Which knob does what:
 
-* Ray ``log_to_driver`` (``ray.init``, left on): Train workers' and controllers' stdout/stderr
+* Ray ``log_to_driver`` (``ray.init``, left on): Train workers' and trial drivers' stdout/stderr
   are forwarded to the launcher process, which prints them on its own stdout/stderr. Turning it
   off would lose them from the sweep's log (they would only be in Ray's session folder).
 * The launcher's file descriptors 1 and 2 (:class:`Console`): at the default verbosity they
