@@ -3,6 +3,7 @@ checkpoint cadence) splits the data over DDP workers, and a same-named run resum
 checkpoint."""
 
 import math
+import threading
 import time
 
 import pytest
@@ -59,10 +60,11 @@ def test_two_workers_split_the_scenes_and_resume(tmp_path, local_ray):
 
 
 @pytest.mark.slow
-def test_a_stopped_run_leaves_no_workers_reserved(tmp_path, local_ray):
+def test_a_stopped_run_leaves_no_workers_reserved(tmp_path, local_ray, caplog):
     """Stop a run after its first report (what Tune's scheduler does to a trial): ``fit()``
-    raises ``TrialStopped``, every report made so far was handed over, and no placement group
-    is left holding the workers' CPUs (Ray's own table, and its free CPUs)."""
+    raises ``TrialStopped``, every report made so far was handed over, the controller aborted
+    the run itself (the driver did not have to free the workers behind its back), and no
+    placement group is left holding the workers' CPUs (Ray's own table, and its free CPUs)."""
     from ray.util.placement_group import placement_group_table
 
     from trainables.driver import TrialStopped
@@ -72,11 +74,13 @@ def test_a_stopped_run_leaves_no_workers_reserved(tmp_path, local_ray):
     cpus = ray.cluster_resources()["CPU"]
     reports = []
     settings = TrialSettings(space=None, num_workers=1, storage_path=str(tmp_path))
-    trainer = build_trainer(tiny(20), settings, "stopped", on_report=reports.append,
+    trainer = build_trainer(tiny(1000), settings, "stopped", on_report=reports.append,
                             should_stop=lambda: len(reports) >= 1)
     with pytest.raises(TrialStopped):
         trainer.fit()
     assert [r["epoch"] for r in reports] == [1]
+    assert "still busy" not in caplog.text  # TrialTorchTrainer.abort's fallback
+    assert not [t for t in threading.enumerate() if t.name == "train-controller-stopped"]
     assert [g["state"] for g in placement_group_table().values()
             if g["state"] != "REMOVED"] == []
     deadline = time.time() + 30  # Ray frees resources asynchronously
