@@ -130,9 +130,12 @@ class OtherLoad:
                     if pid != me:
                         self._pid_cpu[pid] = self._pid_cpu.get(pid, 0.0) + delta
                         # A Ray worker is "python", then "ray::IDLE" until it holds an
-                        # actor ("ray::TrialController"): keep the latter once seen.
+                        # actor ("ray::TrialController"), and may be caught inside a call
+                        # titled by its function ("ray::execute"): keep the actor's class
+                        # (capitalised) once seen.
                         title = self._titles.get(pid, "")
-                        if not title.startswith("ray::") or title == "ray::IDLE":
+                        if not (title.startswith("ray::") and title[5:6].isupper()
+                                and title != "ray::IDLE"):
                             # An exiting process has no command line left ("?"): keep its name.
                             new = process_title(pid)
                             self._titles[pid] = title if new == "?" and title else new

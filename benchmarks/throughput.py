@@ -196,7 +196,11 @@ def measure(modes: list[str], data: dict, epochs: int, scratch: Path,
         # Ray Train settings of a local sweep, so no preemption watcher), but exactly one
         # logical CPU per core: the workers own the machine, nothing oversubscribes.
         # Workers' scratch dirs (trainables/worker.py uses mkdtemp) go to our scratch folder
-        # (TMPDIR for the workers only: Ray itself would move its session dir there too).
+        # (TMPDIR for the workers only: Ray itself would move its session dir there too). The
+        # Train controller runs in this process (trainables.ray_report.ControllerThread): the
+        # local settings go into its environment too, as the sweep's reach its trials' drivers.
+        for key, value in LOCAL_TRAIN_ENV.items():
+            os.environ.setdefault(key, value)
         started = time.perf_counter()
         ray.init(address="local", num_cpus=cores, dashboard_host="127.0.0.1",
                  include_dashboard=True, log_to_driver=False,
