@@ -15,6 +15,7 @@ import math
 import os
 import random
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection
@@ -192,7 +193,8 @@ def load_checkpoint(path: Path, config: Config) -> dict:
 
 def train_loop(config: Config, report: ReportFn | None = None,
                on_phase: PhaseFn | None = None,
-               checkpoint_epochs: Collection[int] = ()) -> dict[str, float]:
+               checkpoint_epochs: Collection[int] = (),
+               stop: threading.Event | None = None) -> dict[str, float]:
     """Train and evaluate one configuration; returns the last epoch's metrics.
 
     Runs as is on one process, or as one rank of a data-parallel group when torch.distributed is
@@ -211,6 +213,10 @@ def train_loop(config: Config, report: ReportFn | None = None,
         checkpoint_epochs: epochs that save a checkpoint besides every
             ``train.checkpoint_every``-th and the last (a sweep's scheduler rungs, where trials
             are stopped or paused).
+        stop: set by another thread to end the run early: the loop returns at its next step
+            with the last finished epoch's metrics, reporting nothing more (a sweep's trial
+            worker kept for the next trial ends the trial the scheduler stopped this way:
+            ``trainables/worker_pool.py``).
     """
     device = resolve_device(config)
     if config.train.num_threads:
@@ -265,6 +271,8 @@ def train_loop(config: Config, report: ReportFn | None = None,
         sums: dict[str, float] = defaultdict(float)
         num_points = 0
         for step, batch in enumerate(train_loader, start=1):
+            if stop is not None and stop.is_set():
+                return metrics
             inputs, targets = _to_device(batch, device)
             with _autocast(config, device):
                 outputs = ddp_model(inputs)

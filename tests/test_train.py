@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -176,6 +177,23 @@ def test_checkpoints_every_n_epochs_at_the_given_epochs_and_the_last(tmp_path):
         (m["epoch"], ckpt, _epoch_on_disk(tmp_path / "run"))), checkpoint_epochs=[2])
     assert [e for e, ckpt, _ in seen if ckpt is not None] == [2, 3, 6, 7]
     assert [on_disk for _, _, on_disk in seen] == [None, 2, 3, 3, 3, 6, 7]
+
+
+def test_a_stop_event_ends_the_run_at_its_next_step(tmp_path):
+    """The event is set while epoch 1 is reported (the report runs on the training thread, as
+    a kept Ray worker's stop would arrive from another): the loop returns epoch 1's metrics at
+    the first step of epoch 2, reporting and writing nothing more."""
+    config = tiny_config(tmp_path, train={"epochs": 5}, data={"train_scenes": 4, "val_scenes": 2})
+    stop, seen = threading.Event(), []
+
+    def report(metrics, checkpoint):
+        seen.append(metrics["epoch"])
+        stop.set()
+
+    final = train_loop(config, report=report, stop=stop)
+    assert seen == [1]
+    assert final["epoch"] == 1
+    assert [m["epoch"] for m in read_metrics(config)] == [1]
 
 
 @pytest.mark.slow  # trains a tiny model for several epochs

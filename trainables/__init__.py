@@ -4,7 +4,8 @@ workers run ``train_fn_per_worker`` around the plain ``ifsearch.train.train_loop
 Layers, named as in Ray's own guide: ``train_fn_per_worker`` (each worker), ``train_driver_fn``
 (one trial), and the ``Tuner`` (``ifsearch.search.sweep``). Every call into Ray's
 report/checkpoint API lives in ``trainables/ray_report.py`` so the next rename of that API touches
-one file.
+one file. A trial's driver keeps its Train workers for its next trial
+(``trainables/worker_pool.py``).
 
 The names are imported on first use (PEP 562): every Ray process that unpickles something from
 this package (the trial driver unpickles ``train_driver_fn``, and runs the Train controller with

@@ -19,7 +19,7 @@ from ray.train.v2._internal.constants import DEFAULT_RAY_WARN_BLOCKING_GET_INSID
 
 from ifsearch.config import Config, config_to_dict
 from ifsearch.search.space import SearchSpace
-from trainables import ray_report, startup
+from trainables import ray_report, startup, worker_pool
 from trainables.backend import TrialTorchConfig
 from trainables.worker import train_fn_per_worker
 
@@ -107,6 +107,9 @@ class TrialTorchTrainer(TorchTrainer):
     - No ``DatasetManager`` actor (Ray Train's datasets hook starts one for every run, datasets
       or not): the trials read their data in ``train_loop``, so the hook is left out when
       ``datasets`` is empty.
+    - With ``keep_workers`` (a trial's driver), the run's workers and their placement group are
+      kept when it ends and the driver's next run starts on them
+      (``worker_pool.KeptWorkerGroup``): no new processes, no imports again.
 
     ``_initialize_and_run_controller`` replaces Ray 2.60's (which starts the controller actor,
     installs a SIGINT handler in the main thread, where no trial runs, and waits); it and
@@ -115,8 +118,11 @@ class TrialTorchTrainer(TorchTrainer):
     """
 
     def __init__(self, *args, on_report: Callable[[dict], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, **kwargs) -> None:
+                 should_stop: Callable[[], bool] | None = None, keep_workers: bool = False,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self._worker_group_cls = (worker_pool.KeptWorkerGroup if keep_workers
+                                  else ray_report.TrialWorkerGroup)
         self._on_report = on_report
         self._should_stop = should_stop
         self._run: ray_report.ControllerThread | None = None
@@ -125,7 +131,8 @@ class TrialTorchTrainer(TorchTrainer):
         # The controller calls ray.get inside its coroutines, as Ray's own does in its actor.
         os.environ.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
                               DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
-        self._run = ray_report.ControllerThread(self.run_config.name, controller_init_kwargs)
+        self._run = ray_report.ControllerThread(self.run_config.name, controller_init_kwargs,
+                                                self._worker_group_cls)
         ended = False
         try:
             self._forward_reports()
@@ -182,7 +189,8 @@ ABORT_WAIT_S = 20.0
 
 def build_trainer(config: Config, settings: TrialSettings, run_name: str,
                   extra: dict | None = None, on_report: Callable[[dict], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> TrialTorchTrainer:
+                  should_stop: Callable[[], bool] | None = None,
+                  keep_workers: bool = False) -> TrialTorchTrainer:
     """The ``TorchTrainer`` of one trial: ``settings.num_workers`` workers running
     ``train_fn_per_worker`` on ``config``, its Train run named ``run_name``.
 
@@ -193,6 +201,8 @@ def build_trainer(config: Config, settings: TrialSettings, run_name: str,
         extra: more ``train_loop_config`` entries for the workers.
         on_report: called with each report of the run (a trial passes ``ray.tune.report``).
         should_stop: polled while the run goes on; True aborts it (``TrialTorchTrainer``).
+        keep_workers: when the run ends, keep its workers for this process's next run
+            (``trainables/worker_pool.py``); a trial's driver does, for its next trial.
     """
     for key, value in TRAIN_ENV.items():
         os.environ.setdefault(key, value)
@@ -219,6 +229,7 @@ def build_trainer(config: Config, settings: TrialSettings, run_name: str,
         ),
         on_report=on_report,
         should_stop=should_stop,
+        keep_workers=keep_workers,
     )
 
 
@@ -247,6 +258,7 @@ def train_driver_fn(sampled: dict, settings: TrialSettings) -> None:
     trainer = build_trainer(
         config, settings, ray_report.train_run_name(trial_id),
         extra={"trial_id": trial_id, "startup_marks": {"driver_start": driver_start}},
-        on_report=ray_report.report_to_tune, should_stop=ray_report.trial_stop_event().is_set)
+        on_report=ray_report.report_to_tune, should_stop=ray_report.trial_stop_event().is_set,
+        keep_workers=True)
     with contextlib.suppress(TrialStopped):
         trainer.fit()

@@ -215,9 +215,13 @@ class ControllerThread:
     loop at its next ``await`` and aborts the worker group, instead of killing a process.
 
     One run per instance; the process may run other runs after it (Tune reuses trial actors).
+    ``worker_group_cls``: the run's worker group (``TrialWorkerGroup``, or one that keeps its
+    workers for the next run: ``trainables.worker_pool.KeptWorkerGroup``).
     """
 
-    def __init__(self, run_name: str, controller_kwargs: dict) -> None:
+    def __init__(self, run_name: str, controller_kwargs: dict,
+                 worker_group_cls: type[WorkerGroup] = TrialWorkerGroup) -> None:
+        self._worker_group_cls = worker_group_cls
         self.outbox = OUTBOXES[run_name] = Outbox()
         self._run_name = run_name
         self._loop = asyncio.new_event_loop()
@@ -245,6 +249,7 @@ class ControllerThread:
         if self._stopping:
             return
         self._controller = TrialController(**controller_kwargs)
+        self._controller.worker_group_cls = self._worker_group_cls
         try:
             await self._controller.run()
         except asyncio.CancelledError:
@@ -297,11 +302,32 @@ def free_workers(run_name: str) -> None:
     happens if the group is gone already). Call it only once the controller is dead: a live one
     would start another worker group when it sees its workers die.
     """
-    key = _placement_group_key(run_name)
+    free_placement_group(_placement_group_key(run_name))
+
+
+def remember_placement_group(key: str, group: PlacementGroup) -> None:
+    """Note in Ray's key-value store that ``group`` is held under ``key``, for
+    ``free_placement_group``."""
+    internal_kv._internal_kv_put(key, group.id.hex(), namespace=_KV_NAMESPACE)
+
+
+def forget_placement_group(key: str) -> None:
+    """Its holder removed the group under ``key`` itself, or handed it on."""
+    internal_kv._internal_kv_del(key, namespace=_KV_NAMESPACE)
+
+
+def free_placement_group(key: str) -> None:
+    """Remove the placement group noted under ``key`` (its actors die with it), if any."""
     group_id = internal_kv._internal_kv_get(key, namespace=_KV_NAMESPACE)
     if group_id is not None:
         remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group_id.decode())))
-        internal_kv._internal_kv_del(key, namespace=_KV_NAMESPACE)
+        forget_placement_group(key)
+
+
+def placement_group_keys(prefix: str) -> list[str]:
+    """The keys noted under ``prefix``."""
+    return [key.decode() for key in internal_kv._internal_kv_list(prefix,
+                                                                   namespace=_KV_NAMESPACE)]
 
 
 class ControllerMarks(ControllerCallback, WorkerGroupCallback):
@@ -326,16 +352,14 @@ class ControllerMarks(ControllerCallback, WorkerGroupCallback):
 
     def after_worker_group_start(self, worker_group) -> None:
         state = worker_group.get_worker_group_state()
-        group_id = state.placement_group_handle.placement_group.id.hex()
-        internal_kv._internal_kv_put(_placement_group_key(self._run_name), group_id,
-                                     namespace=_KV_NAMESPACE)
+        remember_placement_group(_placement_group_key(self._run_name),
+                                 state.placement_group_handle.placement_group)
         # Ray runs its own hooks first (the backend set-up): ours is last.
         startup.CONTROLLER_MARKS["group_started"] = startup.now()
 
     def after_worker_group_shutdown(self, worker_group_context) -> None:
         # The controller removed the group itself: nothing left for free_workers to do.
-        internal_kv._internal_kv_del(_placement_group_key(self._run_name),
-                                     namespace=_KV_NAMESPACE)
+        forget_placement_group(_placement_group_key(self._run_name))
 
     after_worker_group_abort = after_worker_group_shutdown
 

@@ -34,7 +34,8 @@ PHASES = (
     ("train_controller", "driver_start", "controller_start",
      "TorchTrainer built, storage checked, Train controller started (a thread of the driver)"),
     ("worker_group", "controller_start", "workers_up",
-     "placement group, Train worker processes started and their Ray imports"),
+     ("placement group, Train worker processes started and their Ray imports (a reused "
+      "driver: the workers it kept, once their last run's training has ended)")),
     ("train_context", "workers_up", "backend_start",
      "train context on the workers (storage, synchronisation actor)"),
     ("backend_setup", "backend_start", "backend_ready",
@@ -42,7 +43,8 @@ PHASES = (
     ("start_callbacks", "backend_ready", "group_started",
      "Ray Train's other start hooks (the workers' working directory, metrics)"),
     ("train_fn_launch", "group_started", "worker_fn_start",
-     "train function sent to the workers and unpickled there (imports the training loop)"),
+     ("train function sent to the workers and unpickled there (a new worker imports the "
+      "training loop)")),
     ("dataset", "worker_fn_start", "data_built", "config parsed, datasets built"),
     ("model", "data_built", "model_built",
      "model, criterion, optimizer (torch's first optimizer imports torch._dynamo); "

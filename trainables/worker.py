@@ -37,6 +37,7 @@ from ifsearch.config import config_from_dict
 from ifsearch.errors import DivergenceError
 from ifsearch.train import CHECKPOINT_NAME, METRICS_NAME, train_loop
 from trainables import ray_report, startup
+from trainables.worker_pool import RUN_STOP
 
 
 def train_fn_per_worker(train_loop_config: dict) -> None:
@@ -49,6 +50,7 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
             Tune trial also ``"trial_id"`` and ``"startup_marks"`` ({mark: time} taken before
             this worker).
     """
+    RUN_STOP.clear()  # set when this process's last run was abandoned (trainables/worker_pool.py)
     # Start-up marks (trainables/startup.py) ride along with this process's first report.
     marks = {**train_loop_config.get("startup_marks", {}), "worker_fn_start": startup.now()}
     config = config_from_dict(train_loop_config["config"], source="trial config")
@@ -71,6 +73,8 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
         reported = []  # epochs this process reported
 
         def report(metrics: dict, checkpoint: Path | None) -> None:
+            if RUN_STOP.is_set():  # abandoned: its controller is gone, nobody takes reports
+                return
             reported.append(metrics["epoch"])
             first = {}
             if marks:
@@ -90,12 +94,13 @@ def train_fn_per_worker(train_loop_config: dict) -> None:
         with monitor:
             try:
                 final = train_loop(config, report=report, on_phase=on_phase,
-                                   checkpoint_epochs=train_loop_config.get("checkpoint_epochs", ()))
+                                   checkpoint_epochs=train_loop_config.get("checkpoint_epochs", ()),
+                                   stop=RUN_STOP)
             except DivergenceError as exc:  # not retried: see the module docstring
                 result = divergence_result(exc, train_loop_config.get("required_metrics", ()))
                 ray_report.report_epoch({**result, **location}, None)
             else:
-                if not reported and final:
+                if not reported and final and not RUN_STOP.is_set():
                     ray_report.report_epoch(replayed_result(final) | location, None)
 
 

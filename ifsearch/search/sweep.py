@@ -64,6 +64,7 @@ from trainables.ray_report import (
     StartupPhases,
     reserved_placement_groups,
 )
+from trainables.worker_pool import free_kept_workers
 
 SPOOL_NAME = "mlflow_spool.jsonl"  # MLflow records kept while the server is unreachable
 
@@ -313,6 +314,9 @@ def _run_sweep(plan: SweepPlan, args: argparse.Namespace, tracking_uri: str | No
         results = tuner.fit()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    # Tune has ended the trials' drivers; the Train workers each kept for its next trial
+    # (trainables/worker_pool.py) go too.
+    free_kept_workers()
     if _interrupted(sweep_uri, num_samples):
         try:
             marked = mark_interrupted(client, args.experiment, plan.name)
