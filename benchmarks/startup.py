@@ -208,6 +208,23 @@ def cpu_per_trial(sweep: SweepTiming) -> dict[str, float]:
     return {title: cpu / trials for title, cpu in sorted(sweep.cpu.items(), key=lambda i: -i[1])}
 
 
+# Issue 13's goal: median start-up (seconds) on 2 cores, by trials at once.
+GOALS = {"1": 3.0, "2": 6.0}
+
+
+def goal_line(data: dict) -> str:
+    """Whether the latest run (the last label written) meets the start-up goal."""
+    label, run = list(data.items())[-1]
+    parts = []
+    for key, goal in GOALS.items():
+        if key in run["sweeps"]:
+            median = float(run["sweeps"][key]["rows"]["startup_total"].split()[0])
+            verdict = "met" if median <= goal else "not met"
+            parts.append(f"{median:.2f} s at {key} at once (goal <= {goal:g} s: {verdict})")
+    return (f"**Goal (issue 13), latest run ({label})**: median start-up "
+            + "; ".join(parts) + ".")
+
+
 def render(data: dict) -> str:
     """The section body: one column per (label, concurrency), medians over trials."""
     columns = [(label, key) for label, run in data.items() for key in sorted(run["sweeps"])]
@@ -232,6 +249,8 @@ def render(data: dict) -> str:
         "training and validation (its checkpoint write stays in).",
         "",
         markdown_table(headers, rows),
+        "",
+        goal_line(data),
         "",
         "CPU seconds per trial, by process (all of the sweep's processes: the launcher with "
         "Tune and the MLflow logging, Ray's daemons, and each trial's actors; the workers' "
@@ -269,7 +288,11 @@ What a trial's start-up is made of, and what the launcher does about it (issue 1
   watcher on a local Ray; no placement-group cleaner actor (the controller frees the placement
   group of a run that ends or is aborted, the sweep that of a trial whose driver died:
   `FreeWorkersOfDeadTrials`); no Tune result-queue actor (the driver takes the controller's
-  reports from its outbox: `trainables/ray_report.py`).
+  reports from its outbox: `trainables/ray_report.py`). And the driver keeps its last run's
+  Train workers and their placement group for its next trial (`trainables/worker_pool.py`):
+  Ray Train sets each worker up anew for the new run (train context, result queue, training
+  thread), but the processes, with torch and the training loop imported, carry over; a trial
+  stopped by the scheduler ends its training at the next step (`train_loop`'s `stop`).
 - **Imports.** The controller (now the driver) used to import torch only to unpickle Ray's
   `TorchConfig` (`trainables/backend.py` keeps torch out of it). The worker's torch, the training loop and
   `torch._dynamo` (imported by torch's first optimizer, in the `model` phase) are needed;
@@ -285,11 +308,13 @@ What a trial's start-up is made of, and what the launcher does about it (issue 1
   every `train.checkpoint_every`-th epoch (default 2), the scheduler's rung epochs and the last
   one, copied once (it was staged, then copied again), and not at all on the other epochs.
 
-What is left is mostly the start and imports of a trial's fresh processes, which a 2-core
-machine runs partly one after the other: see the CPU table. They cannot be warmed in advance:
-Ray prestarts idle worker processes only when it starts, an actor with a runtime environment
-(the sweep's, or the one Train gives its controller and workers) never takes a prestarted one,
-and an actor never takes a process another task or actor has used (measured on Ray 2.60).
+Why keep the workers rather than warm new ones: Ray prestarts idle worker processes only
+when it starts, an actor never takes a prestarted one (with or without a runtime environment)
+nor a process another task or actor has used, and `preload_python_modules` only moves the
+imports into the actor's start (all measured on Ray 2.60). What is left is the first trial of
+each slot (a new driver and new workers: the max of each phase) and, per trial, the run's
+synchronisation actor, a new process that starts beside the run (the CPU table) but is not
+waited for before the first report.
 """
 
 

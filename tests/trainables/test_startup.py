@@ -155,6 +155,10 @@ def test_startup_benchmark_smoke_writes_its_section(tmp_path):
     for name in EXPECTED_PHASES + ("**start-up**", "**report overhead per epoch**"):
         (row,) = [r for r in rows if f"`{name}`" in r.split("|")[1] or name in r.split("|")[1]]
         float(row.split("|")[2].split()[0])  # a median was measured ("-" if none)
+    (total,) = [r for r in rows if "**start-up**" in r]
+    median = total.split("|")[2].split()[0]
+    assert f"**Goal (issue 13), latest run (smoke)**: median start-up {median} s at 1 at once" \
+        in body
     assert "machine load: " in body
     assert (tmp_path / "startup.json").exists()
 
