@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ def settle_worker(wait_s: float) -> bool:
     execution = get_train_context().execution_context
     deadline = time.monotonic() + wait_s
     while execution.training_thread_runner.is_running():
-        # A report waiting for room in the result queue (the controller polled it) is let go.
+        # A report waiting for room in the result queue (nobody polls it now) is let go.
         with contextlib.suppress(queue.Empty):
             while True:
                 execution.result_queue.get_nowait()
@@ -70,8 +71,6 @@ def settle_worker(wait_s: float) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
-    import sys
-
     if "torch" in sys.modules:  # a group of two or more: its process group is the run's
         import torch.distributed as dist
 
