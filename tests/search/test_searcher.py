@@ -7,6 +7,7 @@ study with Tune's own record of every trial.
 
 import math
 import pickle
+import re
 import shutil
 import types
 
@@ -390,6 +391,16 @@ def test_the_study_records_what_tune_did_and_resume_continues_it(tmp_path, mlflo
     assert f"Optuna study 'truth' in {url}" in out
     _, parents, _ = sweep_runs(mlflow_server, tmp_path.name, "truth")
     assert parents[0].data.tags["ifsearch.optuna_storage"] == url
+    # The sweep efficiency on the parent run is the printed one, and its epoch seconds are
+    # those Tune recorded for the trials (all of them ran in this session).
+    printed = re.search(r"sweep efficiency: (\d+)% .*\((\d+) s of (\d+) slot-seconds", out)
+    assert printed, out
+    percent, epoch_s, slot_s = (int(group) for group in printed.groups())
+    logged = parents[0].data.metrics["slot_efficiency"]
+    assert 0 < logged <= 1 and f"{logged:.0%}" == f"{percent}%"
+    assert abs(logged * slot_s - epoch_s) <= 1
+    frames = tune.ExperimentAnalysis(str(sweep)).trial_dataframes.values()
+    assert abs(sum(frame["epoch_seconds"].sum() for frame in frames) - epoch_s) <= 0.5
 
     expected = tune_expectations(sweep, "val_loss", 3)
     assert optuna_record(url, "truth") == expected
