@@ -356,6 +356,38 @@ def goal_sentence(result: dict, metric: str, seeds: int) -> str:
             f"{BASELINE.label}'s time on {within} of {len(rows)}.")
 
 
+def shortfall_sentence(sweeps: list[Sweep], result: dict, metric: str) -> str:
+    """Where the time the goal allows went, when the goal is not met (empty otherwise).
+
+    Measured, not judged: how many seconds the goal allows (``GOAL_RATIO`` of random + FIFO's
+    time to its final best), how many of them pass before any sweep reports an epoch (median
+    launcher start -> first report: Ray, MLflow and the first trials' processes), how long
+    random + FIFO ran on without improving, and the goal arm's mean best at the budget's end.
+    """
+    arms, target, mode = result["arms"], result["target"], result["mode"]
+    base, goal = arms.get(BASELINE.key), arms.get(GOAL_ARM.key)
+    if base is None or goal is None or base["reach"] is None or (
+            goal["ratio"] is not None and goal["ratio"] <= GOAL_RATIO):
+        return ""
+    allowed = GOAL_RATIO * base["reach"]
+    firsts = [min(r.time for t in s.trials for r in t.reports) - s.meta["launch_time"]
+              for s in sweeps if any(t.reports for t in s.trials)]
+    first = statistics.median(firsts)
+    sentence = (f"Where the time went: the goal allows {allowed:.0f} s ({GOAL_RATIO:.0%} of "
+                f"{base['reach']:.0f} s); a sweep's first epoch report came {first:.0f} s after "
+                f"its launcher started (median over {len(firsts)} sweeps: Ray, MLflow and the "
+                f"first trials' processes start), leaving {max(allowed - first, 0.0):.0f} s to "
+                f"beat a best that {BASELINE.label} found early: its mean curve did not improve "
+                f"in the last {result['horizon'] - base['reach']:.0f} s of the budget.")
+    if goal["mean"]:
+        final = goal["mean"][-1][1]
+        better = final > target if mode == "max" else final < target
+        sentence += (f" At the budget's end {GOAL_ARM.label}'s mean best was val {metric} "
+                     f"{final:.3f}, {'better' if better else 'not better'} than that target "
+                     f"({target:.3f}).")
+    return sentence
+
+
 # ----------------------------------------------------------------------------- running sweeps
 
 
@@ -653,6 +685,7 @@ def render(sweeps: list[Sweep], result: dict, *, metric: str, seeds: Sequence[in
     sets = ", ".join(f"`{s}`" for s in settings.sets) or "none (the space's `base` block)"
     ended = [s.name for s in sweeps if s.meta.get("ended_early")]
     rung_metric, rung_mode = rung
+    why = shortfall_sentence(sweeps, result, metric)
     lines = [
         f"Space `{_rel(space)}` (data and model of its `base` block; `--set`: {sets}), objective "
         f"val {metric} ({result['mode']}), at most {settings.max_epochs} epochs per trial; ASHA "
@@ -675,6 +708,7 @@ def render(sweeps: list[Sweep], result: dict, *, metric: str, seeds: Sequence[in
         "",
         goal_sentence(result, metric, len(seeds)),
         "",
+        *([why, ""] if why else []),
         table,
         "",
     ]

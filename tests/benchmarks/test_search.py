@@ -116,6 +116,22 @@ def test_goal_sentence_when_too_slow_or_never():
     assert se.goal_sentence(empty, "AP50", 1).startswith("**No answer**")
 
 
+def test_shortfall_says_where_the_allowed_time_went_only_when_the_goal_is_missed():
+    goal = [[(5.0, 0.1), (30.0, 0.55)], [(60.0, 0.7)]]
+    sweeps = [_sweep(se.BASELINE, seed, points) for seed, points in enumerate(BASE)]
+    sweeps += [_sweep(se.GOAL_ARM, seed, points) for seed, points in enumerate(goal)]
+    slow = se.analyse(sweeps, horizon=120.0, mode="max")
+    sentence = se.shortfall_sentence(sweeps, slow, "AP50")
+    # allowed: 50 % of the baseline's 100 s; first reports 10, 20, 5, 60 s: median 15 s;
+    # the baseline's mean curve stops improving at 100 s of 120; the goal arm ends at 0.625
+    assert "the goal allows 50 s (50% of 100 s)" in sentence
+    assert "came 15 s after its launcher started (median over 4 sweeps" in sentence
+    assert "leaving 35 s" in sentence and "did not improve in the last 20 s" in sentence
+    assert "mean best was val AP50 0.625, better than that target (0.550)" in sentence
+    met = _result([[(5.0, 0.1), (30.0, 0.55)], [(15.0, 0.7)]])
+    assert se.shortfall_sentence(sweeps, met, "AP50") == ""
+
+
 def test_read_sweep_uses_tune_start_time_and_first_result(tmp_path):
     sweep = tmp_path / "sweep"
     trial_dir = sweep / "train_driver_fn_abc_1"
