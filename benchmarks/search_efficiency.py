@@ -421,7 +421,12 @@ def sweep_name(arm: Arm, seed: int) -> str:
 
 
 def write_space(source: Path, workdir: Path, mode: Mode, args: argparse.Namespace) -> Path:
-    """The space as the benchmark runs it: the source with its trial budget replaced."""
+    """The space as the benchmark runs it: the source with its trial budget replaced.
+
+    The header names the source relative to the repository, so the file (and the settings hash
+    ``check_settings`` compares) is the same in any checkout: ``--report-only`` from another
+    clone than the one that ran the sweeps finds them.
+    """
     import yaml
 
     raw = yaml.safe_load(source.read_text())
@@ -432,7 +437,7 @@ def write_space(source: Path, workdir: Path, mode: Mode, args: argparse.Namespac
         if value:
             budget[key] = value
     path = workdir / "space.yaml"
-    path.write_text(f"# Written by benchmarks/search_efficiency.py from {source}: its trial "
+    path.write_text(f"# Written by benchmarks/search_efficiency.py from {_rel(source)}: its trial "
                     "budget replaced.\n" + yaml.safe_dump(raw, sort_keys=False))
     return path
 

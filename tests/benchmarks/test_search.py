@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,15 @@ def test_shortfall_says_where_the_allowed_time_went_only_when_the_goal_is_missed
     assert "mean best was val AP50 0.625, better than that target (0.550)" in sentence
     met = _result([[(5.0, 0.1), (30.0, 0.55)], [(15.0, 0.7)]])
     assert se.shortfall_sentence(sweeps, met, "AP50") == ""
+
+
+def test_the_written_space_is_the_same_in_every_checkout(tmp_path):
+    """Its bytes feed the settings hash that guards a work folder: no absolute path in it."""
+    args = types.SimpleNamespace(max_epochs=None, grace_period=None)
+    source = REPO / "search_spaces" / "influencer_default.yaml"
+    text = se.write_space(source, tmp_path, se.MODES["full"], args).read_text()
+    assert str(REPO) not in text
+    assert "from search_spaces/influencer_default.yaml:" in text
 
 
 def test_read_sweep_uses_tune_start_time_and_first_result(tmp_path):
