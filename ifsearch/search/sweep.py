@@ -401,9 +401,9 @@ def _finish(plan, results, client, parent_run_id, tracking_uri, args, sweep_uri:
     finish = {
         "kind": "parent_end", "sweep": plan.name, "status": "FINISHED",
         # best_<objective> is already logged, once per finished trial (MlflowTrialLogger).
-        "metrics": {**{k: best.metrics[k] for k in ("AP", "AP50", "AP25", "AP50_agnostic")
-                       if k in best.metrics and k != plan.metric},
-                    "slot_efficiency": efficiency["slot_efficiency"]},
+        "metrics": {k: best.metrics[k] for k in ("AP", "AP50", "AP25", "AP50_agnostic")
+                    if k in best.metrics and k != plan.metric},
+        "sweep_metrics": {"slot_efficiency": efficiency["slot_efficiency"]},
         "artifacts": [str(p) for p in (best_path, best_path.with_name("best_config_trial.json"),
                                        csv_path)],
         "artifact_dirs": {"plots": str(plots)},

@@ -354,6 +354,7 @@ class RunWriter:
             raise IfsearchError(f"no parent run of sweep {record['sweep']!r} in MLflow")
         finish_parent_run(self.client, parent, status=record["status"],
                           metrics=record.get("metrics"), tags=record.get("tags"),
+                          sweep_metrics=record.get("sweep_metrics"),
                           artifacts=[Path(p) for p in record.get("artifacts", [])],
                           artifact_dirs={k: Path(v)
                                          for k, v in record.get("artifact_dirs", {}).items()})
@@ -609,13 +610,21 @@ def error_reason(error_file: str) -> str:
 def finish_parent_run(client: MlflowClient, parent_run_id: str, status: str = "FINISHED",
                       metrics: dict[str, float] | None = None,
                       artifacts: list[Path] | None = None, tags: dict[str, str] | None = None,
-                      artifact_dirs: dict[str, Path] | None = None) -> None:
-    """Attach the sweep's results (best metrics, files, plots) and close the parent run."""
-    if metrics:
-        client.log_batch(parent_run_id, metrics=[
-            Metric(f"best_{k}", float(v), int(time.time() * 1000), 0)
-            for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)
-        ])
+                      artifact_dirs: dict[str, Path] | None = None,
+                      sweep_metrics: dict[str, float] | None = None) -> None:
+    """Attach the sweep's results and close the parent run.
+
+    ``metrics`` are the best trial's, logged as ``best_<name>``; ``sweep_metrics`` describe the
+    sweep itself (e.g. ``slot_efficiency``) and keep their names: no trial was best at them.
+    Also attached: files, plot folders, tags.
+    """
+    now = int(time.time() * 1000)
+    logged = [Metric(f"best_{k}", float(v), now, 0) for k, v in (metrics or {}).items()
+              if isinstance(v, (int, float)) and math.isfinite(v)]
+    logged += [Metric(k, float(v), now, 0) for k, v in (sweep_metrics or {}).items()
+               if isinstance(v, (int, float)) and math.isfinite(v)]
+    if logged:
+        client.log_batch(parent_run_id, metrics=logged)
     for key, value in (tags or {}).items():
         client.set_tag(parent_run_id, key, value[:5000])
     for path in artifacts or []:
