@@ -356,6 +356,12 @@ def goal_sentence(result: dict, metric: str, seeds: int) -> str:
             f"{BASELINE.label}'s time on {within} of {len(rows)}.")
 
 
+def first_report_s(sweep: Sweep) -> float | None:
+    """Seconds from the sweep's launcher start to its first epoch report; None without one."""
+    first = min((r.time for t in sweep.trials for r in t.reports), default=None)
+    return None if first is None else first - sweep.meta["launch_time"]
+
+
 def shortfall_sentence(sweeps: list[Sweep], result: dict, metric: str) -> str:
     """Where the time the goal allows went, when the goal is not met (empty otherwise).
 
@@ -370,8 +376,7 @@ def shortfall_sentence(sweeps: list[Sweep], result: dict, metric: str) -> str:
             goal["ratio"] is not None and goal["ratio"] <= GOAL_RATIO):
         return ""
     allowed = GOAL_RATIO * base["reach"]
-    firsts = [min(r.time for t in s.trials for r in t.reports) - s.meta["launch_time"]
-              for s in sweeps if any(t.reports for t in s.trials)]
+    firsts = [seconds for seconds in map(first_report_s, sweeps) if seconds is not None]
     first = statistics.median(firsts)
     sentence = (f"Where the time went: the goal allows {allowed:.0f} s ({GOAL_RATIO:.0%} of "
                 f"{base['reach']:.0f} s); a sweep's first epoch report came {first:.0f} s after "
@@ -672,11 +677,11 @@ def render(sweeps: list[Sweep], result: dict, *, metric: str, seeds: Sequence[in
     for arm in ARMS:
         for s in by[arm.key]:
             r = arms[arm.key]["per_seed"][s.seed]
-            first = min((rep.time for t in s.trials for rep in t.reports), default=None)
+            first = first_report_s(s)
             seed_rows.append([
                 arm.label, s.seed, _fmt(r["final"]), _fmt(r["target"]), _seconds(r["reach"]),
                 _ratio(r["ratio"]), len(s.trials),
-                _fmt(first - s.meta["launch_time"], 0) if first else "none",
+                _fmt(first, 0) if first is not None else "none",
                 s.meta.get("concurrent") or "?", _told(s.told),
                 " -> ".join(f"{v:.1f}" for v in s.meta.get("load_1min", [])),
             ])

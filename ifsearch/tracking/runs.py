@@ -618,11 +618,10 @@ def finish_parent_run(client: MlflowClient, parent_run_id: str, status: str = "F
     sweep itself (e.g. ``slot_efficiency``) and keep their names: no trial was best at them.
     Also attached: files, plot folders, tags.
     """
+    named = {f"best_{k}": v for k, v in (metrics or {}).items()} | (sweep_metrics or {})
     now = int(time.time() * 1000)
-    logged = [Metric(f"best_{k}", float(v), now, 0) for k, v in (metrics or {}).items()
+    logged = [Metric(k, float(v), now, 0) for k, v in named.items()
               if isinstance(v, (int, float)) and math.isfinite(v)]
-    logged += [Metric(k, float(v), now, 0) for k, v in (sweep_metrics or {}).items()
-               if isinstance(v, (int, float)) and math.isfinite(v)]
     if logged:
         client.log_batch(parent_run_id, metrics=logged)
     for key, value in (tags or {}).items():
